@@ -1,0 +1,97 @@
+"""What a runtime needs to know about an artifact, carried inside it (ONNX metadata_props, and the
+TensorRT engine header). Runtimes read settings from here instead of asking the user again."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from evit_deploy import __version__
+from evit_deploy.errors import EvitDeployError
+from evit_deploy.model.config import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, EvitConfig
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+
+def token_index_output_name(block: int) -> str:
+    return f"kept_indices_block{block}"
+
+
+@dataclass(frozen=True)
+class ArtifactMetadata:
+    model: str
+    keep_rate: float
+    drop_loc: list[int]
+    fuse_token: bool
+    img_size: int
+    num_classes: int
+    tokens_per_block: list[int]
+    topk_k: list[int]
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    crop_pct: float = CROP_PCT
+    interpolation: str = INTERPOLATION
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+    token_index_outputs: list[str] = field(default_factory=list)
+    checkpoint: str = ""
+    evit_deploy_version: str = __version__
+
+    @classmethod
+    def from_config(
+        cls, config: EvitConfig, checkpoint: str = "", with_token_indices: bool = False
+    ) -> "ArtifactMetadata":
+        plan = config.token_plan
+        drop_blocks = [b.block for b in plan if b.keep is not None]
+        return cls(
+            model=config.model,
+            keep_rate=config.keep_rate,
+            drop_loc=list(config.drop_loc),
+            fuse_token=config.fuse_token,
+            img_size=config.img_size,
+            num_classes=config.num_classes,
+            tokens_per_block=[b.tokens_in for b in plan],
+            topk_k=[b.keep for b in plan if b.keep is not None],
+            token_index_outputs=[token_index_output_name(b) for b in drop_blocks]
+            if with_token_indices
+            else [],
+            checkpoint=checkpoint,
+        )
+
+    def to_config(self) -> EvitConfig:
+        return EvitConfig(
+            self.model,
+            self.keep_rate,
+            tuple(self.drop_loc),
+            self.fuse_token,
+            self.img_size,
+            self.num_classes,
+        )
+
+    def to_props(self) -> dict[str, str]:
+        """Flat string key/values (ONNX metadata_props); non-strings JSON-encoded."""
+        return {
+            k: v if isinstance(v, str) else json.dumps(v) for k, v in asdict(self).items()
+        }
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "artifact") -> "ArtifactMetadata":
+        names = {f.name: f for f in fields(cls)}
+        missing = [f.name for f in names.values() if f.name not in props and _required(f)]
+        if missing:
+            raise EvitDeployError(
+                f"{source} carries no evit-deploy metadata (missing {', '.join(missing)}); "
+                f"was it exported with `evit-deploy export`?"
+            )
+        values = {}
+        for name, f in names.items():
+            if name not in props:
+                continue
+            raw = props[name]
+            values[name] = raw if f.type == "str" else json.loads(raw)
+        return cls(**values)
+
+
+def _required(f) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING

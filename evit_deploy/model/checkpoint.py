@@ -1,0 +1,162 @@
+"""Load official EViT .pth, timm DeiT and safetensors checkpoints into our EViT.
+
+Like timm's checkpoint_filter_fn: unwrap the container, strip wrapper prefixes, resample pos_embed
+to the target grid, then load strictly and report every mismatch in one message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from evit_deploy.errors import EvitDeployError
+from evit_deploy.model.config import EvitConfig
+from evit_deploy.model.vit import EViT, init_random_weights
+
+CONTAINER_KEYS = ("model", "state_dict", "model_ema", "module")
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+class CheckpointError(EvitDeployError):
+    pass
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read the tensors of a checkpoint file; never executes pickled code (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot read safetensors file {path} (truncated or corrupted?): {_first_line(exc)}"
+            ) from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it contains pickled objects other than tensors (possibly "
+            f"code), which weights_only loading does not run. Re-save it as a plain state dict "
+            f"or safetensors."
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated or corrupted?): {_first_line(exc)}"
+        ) from exc
+    return unwrap_state_dict(obj, path)
+
+
+def unwrap_state_dict(obj: object, source: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the state dict inside {'model': ...}, {'state_dict': ...} or a raw dict of tensors."""
+    while isinstance(obj, dict) and not _is_tensor_dict(obj):
+        inner = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            raise CheckpointError(
+                f"{source} holds no state dict: expected tensors or one of the keys "
+                f"{', '.join(CONTAINER_KEYS)}, found keys {sorted(map(str, obj))[:8]}"
+            )
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{source} holds no state dict (found {type(obj).__name__})")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Bicubically resize the patch part of a [1, 1 + g*g, C] pos_embed to another square grid."""
+    old_patches = pos_embed.shape[1] - 1
+    old_grid, new_grid = math.isqrt(old_patches), math.isqrt(num_patches)
+    if old_grid**2 != old_patches or new_grid**2 != num_patches:
+        raise CheckpointError(
+            f"pos_embed has {pos_embed.shape[1]} tokens, not a class token plus a square grid"
+        )
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    grid = patch_pos.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(
+        grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=False
+    )
+    patch_pos = grid.permute(0, 2, 3, 1).reshape(1, num_patches, dim).to(pos_embed.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+def load_into(model: EViT, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load strictly, first adapting pos_embed; one error names every bad key."""
+    config = model.config
+    pos = state.get("pos_embed")
+    if pos is not None and pos.ndim == 3 and pos.shape[1] != config.num_patches + 1:
+        state = {**state, "pos_embed": resample_pos_embed(pos, config.num_patches)}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = [
+        f"{k} {tuple(state[k].shape)} (model: {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_some(unexpected)}")
+    if mis_shaped:
+        problems.append(f"shape mismatch: {_some(mis_shaped)}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit {config.model}: " + "; ".join(problems)
+            + ". Is --model the architecture this checkpoint was trained with?"
+        )
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+def build_model(
+    config: EvitConfig, checkpoint: str | Path | None = None, seed: int = 0
+) -> EViT:
+    """An eval-mode EViT with checkpoint weights, or seeded random weights (with a warning).
+
+    The head's class count comes from the checkpoint, so fine-tuned heads load as they are.
+    """
+    if checkpoint is None:
+        warnings.warn(
+            "no checkpoint given: using seeded random weights. Predictions are meaningless; "
+            "speed and export are representative.",
+            stacklevel=2,
+        )
+        return init_random_weights(EViT(config), seed).eval()
+    state = read_state_dict(checkpoint)
+    head = state.get("head.weight")
+    if head is not None and head.ndim == 2 and head.shape[0] != config.num_classes:
+        config = dataclasses.replace(config, num_classes=head.shape[0])
+    model = EViT(config)
+    load_into(model, state, checkpoint)
+    return model.eval()
+
+
+def _is_tensor_dict(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _some(items: list[str], limit: int = 6) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,164 @@
+"""Model architectures, EViT settings and the static token plan they imply.
+
+With a fixed keep rate every token count is known before the model runs; the plan below is the
+single place that computes it, so the model, the ONNX metadata and the FLOP counter agree.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+
+from evit_deploy.errors import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_PCT = 0.875
+INTERPOLATION = "bicubic"
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+
+ARCHS = {
+    a.name: a
+    for a in (
+        ViTArch("deit_tiny_patch16_224", 192, 12, 3),
+        ViTArch("deit_small_patch16_224", 384, 12, 6),
+        ViTArch("deit_base_patch16_224", 768, 12, 12),
+    )
+}
+
+# The official EViT repository's model names for the same architectures.
+ALIASES = {
+    "deit_tiny_patch16_shrink_base": "deit_tiny_patch16_224",
+    "deit_small_patch16_shrink_base": "deit_small_patch16_224",
+    "deit_base_patch16_shrink_base": "deit_base_patch16_224",
+}
+
+DEFAULT_DROP_LOC = (3, 6, 9)
+
+
+def resolve_arch(name: str) -> ViTArch:
+    """Look a model name up (canonical or official EViT alias); suggest the closest on a typo."""
+    canonical = ALIASES.get(name, name)
+    if canonical in ARCHS:
+        return ARCHS[canonical]
+    known = sorted([*ARCHS, *ALIASES])
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.4)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise UsageError(f"unknown model '{name}'.{hint} Known models: {', '.join(known)}")
+
+
+@dataclass(frozen=True)
+class BlockTokens:
+    """Image tokens (fused token included, class token excluded) entering and leaving one block."""
+
+    block: int
+    tokens_in: int
+    keep: int | None  # TopK's K in this block; None where the block drops nothing
+    tokens_out: int
+
+
+def plan_tokens(
+    num_patches: int, depth: int, keep_rate: float, drop_loc: tuple[int, ...], fuse_token: bool
+) -> list[BlockTokens]:
+    """Token counts per block exactly as the official code computes them at run time.
+
+    k = ceil(keep_rate * n) with Python float arithmetic (the official code's rounding included);
+    a block whose k equals n drops nothing.
+    """
+    plan = []
+    n = num_patches
+    for block in range(depth):
+        keep = None
+        out = n
+        if keep_rate < 1 and block in drop_loc:
+            k = math.ceil(keep_rate * n)
+            if k < n:
+                keep = k
+                out = k + 1 if fuse_token else k
+        plan.append(BlockTokens(block, n, keep, out))
+        n = out
+    return plan
+
+
+@dataclass(frozen=True)
+class EvitConfig:
+    """Everything that fixes the exported graph: architecture, EViT settings, input size."""
+
+    model: str = "deit_small_patch16_224"
+    keep_rate: float = 0.7
+    drop_loc: tuple[int, ...] = DEFAULT_DROP_LOC
+    fuse_token: bool = True
+    img_size: int = 224
+    num_classes: int = 1000
+    arch: ViTArch = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        arch = resolve_arch(self.model)
+        object.__setattr__(self, "model", arch.name)
+        object.__setattr__(self, "arch", arch)
+        object.__setattr__(self, "drop_loc", tuple(int(b) for b in self.drop_loc))
+        if not (isinstance(self.keep_rate, (int, float)) and 0 < self.keep_rate <= 1):
+            raise UsageError(f"keep rate must be in (0, 1], got {self.keep_rate}")
+        bad = [b for b in self.drop_loc if not 0 <= b < arch.depth]
+        if bad:
+            raise UsageError(
+                f"drop_loc {list(self.drop_loc)} has blocks outside 0..{arch.depth - 1} "
+                f"({self.model} has {arch.depth} blocks)"
+            )
+        if list(self.drop_loc) != sorted(set(self.drop_loc)):
+            raise UsageError(
+                f"drop_loc must be increasing without repeats, got {list(self.drop_loc)}"
+            )
+        if self.img_size <= 0 or self.img_size % arch.patch_size:
+            raise UsageError(
+                f"img_size must be a positive multiple of the patch size {arch.patch_size}, "
+                f"got {self.img_size}"
+            )
+        if self.num_classes <= 0:
+            raise UsageError(f"num_classes must be positive, got {self.num_classes}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.arch.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def token_plan(self) -> list[BlockTokens]:
+        return plan_tokens(
+            self.num_patches, self.arch.depth, self.keep_rate, self.drop_loc, self.fuse_token
+        )
+
+    @property
+    def is_evit(self) -> bool:
+        """True when at least one block actually drops tokens."""
+        return any(b.keep is not None for b in self.token_plan)
+
+
+def parse_drop_loc(text: str) -> tuple[int, ...]:
+    """Parse '3,6,9' (the CLI form); an empty string means no drop blocks."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"drop_loc must be comma-separated block indices, got '{text}'") from None

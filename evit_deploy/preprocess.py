@@ -1,0 +1,101 @@
+"""DeiT evaluation preprocessing: resize the short side to floor(img_size / crop_pct) (bicubic),
+center-crop img_size, scale to [0, 1], normalise with ImageNet mean/std. Same arithmetic as
+torchvision's Resize + CenterCrop on PIL images, without depending on torchvision."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from evit_deploy.errors import EvitDeployError
+from evit_deploy.model.config import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
+
+ASSETS = Path(__file__).parent / "assets"
+SAMPLE_IMAGE = ASSETS / "grace_hopper.jpg"  # public-domain photograph (US Navy), as in matplotlib
+MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: about 8000 x 8000
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def load_image(image) -> Image.Image:
+    """A path, a PIL image or an HWC uint8 array (RGB, or gray HW) as an RGB PIL image."""
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as opened:
+                return to_rgb(opened)
+        except FileNotFoundError:
+            raise EvitDeployError(f"image not found: {image}") from None
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
+            raise EvitDeployError(f"cannot decode image {image}: {exc}") from None
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+            image.ndim == 3 and image.shape[2] not in (1, 3, 4)
+        ):
+            raise EvitDeployError(
+                f"image arrays must be HWC (or HW) uint8 with 1, 3 or 4 channels, got "
+                f"{image.dtype} {image.shape}"
+            )
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        return to_rgb(Image.fromarray(image))
+    raise EvitDeployError(
+        f"unsupported image type {type(image).__name__}: give a path, a PIL image or an HWC uint8 array"
+    )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any mode to RGB: alpha is composited on white; 16-bit/float gray is rescaled."""
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
+        return Image.fromarray(array.round().astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_and_crop(
+    image: Image.Image, img_size: int, crop_pct: float = CROP_PCT, interpolation: str = "bicubic"
+) -> Image.Image:
+    short_target = math.floor(img_size / crop_pct)
+    width, height = image.size
+    if width <= height:
+        size = (short_target, int(short_target * height / width))
+    else:
+        size = (int(short_target * width / height), short_target)
+    image = image.resize(size, _RESAMPLE[interpolation])
+    left = int(round((size[0] - img_size) / 2.0))
+    top = int(round((size[1] - img_size) / 2.0))
+    return image.crop((left, top, left + img_size, top + img_size))
+
+
+def preprocess(
+    images: Sequence,
+    img_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    crop_pct: float = CROP_PCT,
+    interpolation: str = "bicubic",
+) -> np.ndarray:
+    """Images (paths, PIL images or HWC uint8 arrays) -> normalised NCHW float32 batch."""
+    mean_arr = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    std_arr = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    batch = np.empty((len(images), 3, img_size, img_size), dtype=np.float32)
+    for i, image in enumerate(images):
+        cropped = resize_and_crop(load_image(image), img_size, crop_pct, interpolation)
+        chw = np.asarray(cropped, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        batch[i] = (chw - mean_arr) / std_arr
+    return batch
