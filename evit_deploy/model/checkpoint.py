@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from evit_deploy.errors import EvitDeployError
-from evit_deploy.model.config import EvitConfig
+from evit_deploy.model.config import ARCHS, EvitConfig
 from evit_deploy.model.vit import EViT, init_random_weights
 
 CONTAINER_KEYS = ("model", "state_dict", "model_ema", "module")
@@ -126,12 +126,13 @@ def load_into(model: EViT, state: dict[str, torch.Tensor], source: str | Path) -
 
 
 def build_model(
-    config: EvitConfig, checkpoint: str | Path | None = None, seed: int = 0
+    config: EvitConfig,
+    checkpoint: str | Path | dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
 ) -> EViT:
-    """An eval-mode EViT with checkpoint weights, or seeded random weights (with a warning).
-
-    The head's class count comes from the checkpoint, so fine-tuned heads load as they are.
-    """
+    """An eval-mode EViT with checkpoint weights (a path, or a state dict already read), or seeded
+    random weights (with a warning). The head's class count comes from the checkpoint, so
+    fine-tuned heads load as they are."""
     if checkpoint is None:
         warnings.warn(
             "no checkpoint given: using seeded random weights. Predictions are meaningless; "
@@ -139,13 +140,30 @@ def build_model(
             stacklevel=2,
         )
         return init_random_weights(EViT(config), seed).eval()
-    state = read_state_dict(checkpoint)
+    if isinstance(checkpoint, dict):
+        state, source = checkpoint, "checkpoint"
+    else:
+        state, source = read_state_dict(checkpoint), checkpoint
     head = state.get("head.weight")
     if head is not None and head.ndim == 2 and head.shape[0] != config.num_classes:
         config = dataclasses.replace(config, num_classes=head.shape[0])
     model = EViT(config)
-    load_into(model, state, checkpoint)
+    load_into(model, state, source)
     return model.eval()
+
+
+def infer_model_name(state: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> str:
+    """The architecture whose width and depth match a state dict."""
+    weight = state.get("patch_embed.proj.weight")
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    for arch in ARCHS.values():
+        if weight is not None and weight.shape[0] == arch.embed_dim and depth == arch.depth:
+            return arch.name
+    width = tuple(weight.shape) if weight is not None else "none"
+    raise CheckpointError(
+        f"{source} matches no known architecture (patch_embed.proj.weight {width}, {depth} "
+        f"blocks); known: {', '.join(ARCHS)}"
+    )
 
 
 def _is_tensor_dict(obj: dict) -> bool:

@@ -1,0 +1,3 @@
+from evit_deploy.cli import main
+
+main()

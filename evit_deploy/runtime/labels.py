@@ -1,0 +1,24 @@
+"""ImageNet-1k class names shipped with the package (index order = sorted WordNet ids)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from evit_deploy.preprocess import ASSETS
+
+IMAGENET_CLASSES = ASSETS / "imagenet_classes.tsv"
+
+
+@cache
+def imagenet_classes() -> tuple[tuple[str, str], ...]:
+    """(wnid, name) for the 1000 classes, in class-index order."""
+    rows = IMAGENET_CLASSES.read_text(encoding="utf-8").splitlines()
+    return tuple(tuple(row.split("\t", 1)) for row in rows if row)
+
+
+@cache
+def class_names(num_classes: int) -> tuple[str, ...]:
+    """ImageNet names for a 1000-class head; 'class N' for any other head."""
+    if num_classes == 1000:
+        return tuple(name for _, name in imagenet_classes())
+    return tuple(f"class {i}" for i in range(num_classes))

@@ -1,0 +1,92 @@
+"""ONNX Runtime backend: providers in the order TensorRT, CUDA, CPU, whichever are installed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.export.onnx import read_onnx_metadata
+from evit_deploy.runtime.backends import Backend, cpu_name
+
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+def choose_providers(
+    available: list[str], device: str | None = None, requested: list[str] | None = None
+) -> list[str]:
+    """Requested providers (full or short names) if installed, else the preferred installed ones;
+    device 'cpu' forces the CPU provider, 'cuda' drops it to a fallback."""
+    if requested:
+        chosen = [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
+        missing = [p for p in chosen if p not in available]
+        if missing:
+            raise UsageError(
+                f"ONNX Runtime provider(s) {', '.join(missing)} not installed here; available: "
+                f"{', '.join(available)}"
+            )
+        return chosen
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    preferred = [p for p in PROVIDER_ORDER if p in available]
+    if device and device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in available:
+            raise UsageError(
+                "device cuda needs onnxruntime-gpu (pip install 'evit-deploy[gpu]'); this "
+                f"onnxruntime has {', '.join(available)}"
+            )
+    return preferred
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str | None = None,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.metadata = read_onnx_metadata(self.path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        chosen = choose_providers(ort.get_available_providers(), device, providers)
+        try:
+            self.session = ort.InferenceSession(os.fspath(self.path), options, providers=chosen)
+        except Exception as exc:
+            raise EvitDeployError(
+                f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}"
+            ) from exc
+        active = self.session.get_providers()
+        self.provider = active[0]
+        self.device_name = cpu_name() if self.provider == "CPUExecutionProvider" else _gpu_name()
+        input_type = self.session.get_inputs()[0].type
+        self.precision = "fp16" if "float16" in input_type else "fp32"
+        self.input_name = self.metadata.input_name
+        self.output_name = self.metadata.output_name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "gpu"
+    except Exception:
+        return "gpu"
