@@ -123,7 +123,6 @@ def export(
             opset=opset,
             force=force,
             with_token_indices=with_token_indices,
-            checkpoint=checkpoint.name if checkpoint else "",
             on_step=lambda step: status.update(step),
         )
     meta = result.metadata
@@ -171,6 +170,98 @@ def validation_table(report) -> Table:
             f"{case.top1_agreement:.0%}",
             kept,
             "[green]pass[/]" if case.passed else "[red]FAIL[/]",
+        )
+    return table
+
+
+BACKEND_HELP = "auto (from the file suffix), onnxruntime, tensorrt or pytorch."
+
+
+@command()
+def predict(
+    artifact: Path = typer.Argument(..., help=".onnx, .plan/.engine, or a .pth/.safetensors checkpoint."),
+    images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...)."),
+    topk: int = typer.Option(5, help="Classes to report per image."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: best available)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Classify images with any artifact (DeiT preprocessing, settings from the artifact)."""
+    from evit_deploy.runtime import Predictor
+
+    predictor = Predictor(artifact, backend=backend, device=device)
+    predictions = predictor.predict([str(p) for p in images], topk=topk)
+    if as_json:
+        print(json.dumps([{"image": str(i), **p.to_dict()} for i, p in zip(images, predictions)], indent=2))
+        return
+    table = Table(title=f"{artifact.name} ({predictor.backend.name}, {predictor.backend.provider})")
+    for column in ("image", "rank", "class", "label", "prob"):
+        table.add_column(column, justify="right" if column in ("rank", "class", "prob") else "left")
+    for image, prediction in zip(images, predictions):
+        for rank, (cid, label, prob) in enumerate(zip(prediction.class_ids, prediction.labels, prediction.probs), 1):
+            table.add_row(str(image) if rank == 1 else "", str(rank), str(cid), label, f"{prob:.4f}")
+    console.print(table)
+
+
+@command()
+def bench(
+    artifact: Path = typer.Argument(..., help=".onnx, .plan/.engine, or a .pth/.safetensors checkpoint."),
+    batch: str = typer.Option("64", help="Batch size, or a list: 1,8,64."),
+    warmup: int = typer.Option(3, help="Untimed runs per variant and batch size."),
+    iters: Optional[int] = typer.Option(None, help="Timed runs per variant (default: --min-seconds)."),
+    min_seconds: float = typer.Option(3.0, help="Time each variant at least this long (without --iters)."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: best available)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (ONNX Runtime / PyTorch)."),
+    baseline: bool = typer.Option(True, help="Also time the plain ViT (keep_rate 1.0) of the same weights."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    force: bool = typer.Option(False, help="Replace an existing --json file."),
+) -> None:
+    """Latency percentiles and throughput, EViT beside plain ViT, timed interleaved."""
+    from evit_deploy.fileio import check_can_write, write_bytes_atomic
+    from evit_deploy.runtime.bench import bench_artifact, parse_batches
+
+    batches = parse_batches(batch)
+    if json_path:
+        check_can_write(json_path, force)
+    options = {"threads": threads} if threads else {}
+    with err_console.status(f"benchmarking {artifact.name} at batch {batch}"):
+        report = bench_artifact(
+            artifact, batches, backend, device, warmup, iters, min_seconds, baseline, **options
+        )
+    console.print(bench_table(report))
+    for size, speedup in report.speedup.items():
+        console.print(
+            f"batch {size}: EViT is [bold]{speedup:.2f}x[/] the plain ViT's throughput "
+            f"(FLOPs ratio {report.flops_ratio:.2f}x: {speedup / report.flops_ratio:.0%} of it)"
+        )
+    if json_path:
+        write_bytes_atomic(json_path, json.dumps(report.to_dict(), indent=2).encode(), force)
+        console.print(f"wrote {json_path}")
+
+
+def bench_table(report) -> Table:
+    first = report.runs[0]
+    table = Table(
+        title=f"{first.backend} ({first.provider}, {first.precision}) on {first.device}",
+        caption="latency per batch in ms; throughput = batch / median latency",
+    )
+    columns = ("model", "keep", "batch", "mean", "p50", "p90", "p99", "img/s", "GMACs", "runs")
+    for column in columns:
+        if column == "model":
+            table.add_column(column, no_wrap=True, min_width=10)
+        else:
+            table.add_column(column, justify="right")
+    for run in report.runs:
+        lat = run.latency_ms
+        table.add_row(
+            run.model.replace("_patch16_224", ""),
+            f"{run.keep_rate:g}",
+            str(run.batch),
+            *(f"{lat[k]:.1f}" for k in ("mean", "p50", "p90", "p99")),
+            f"{run.throughput_ips:.1f}",
+            f"{run.gmacs:.2f}",
+            str(run.iterations),
         )
     return table
 

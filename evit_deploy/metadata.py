@@ -35,12 +35,17 @@ class ArtifactMetadata:
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     token_index_outputs: list[str] = field(default_factory=list)
-    checkpoint: str = ""
+    checkpoint: str = ""  # absolute path of the source checkpoint; "" for random weights
+    weights: str = ""  # "random:SEED" or "sha256:DIGEST" of the checkpoint
     evit_deploy_version: str = __version__
 
     @classmethod
     def from_config(
-        cls, config: EvitConfig, checkpoint: str = "", with_token_indices: bool = False
+        cls,
+        config: EvitConfig,
+        checkpoint: str = "",
+        weights: str = "",
+        with_token_indices: bool = False,
     ) -> "ArtifactMetadata":
         plan = config.token_plan
         drop_blocks = [b.block for b in plan if b.keep is not None]
@@ -57,6 +62,7 @@ class ArtifactMetadata:
             if with_token_indices
             else [],
             checkpoint=checkpoint,
+            weights=weights,
         )
 
     def to_config(self) -> EvitConfig:

@@ -135,7 +135,6 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     force: bool = False,
     with_token_indices: bool = False,
-    checkpoint: str = "",
     on_step: Callable[[str], None] = lambda step: None,
 ) -> ExportResult:
     """Export, validate against `model` and only then write `output` atomically.
@@ -152,7 +151,9 @@ def export_onnx(
     on_step("simplifying")
     proto = simplify(proto)
     ks = topk_constant_ks(proto)
-    metadata = ArtifactMetadata.from_config(model.config, checkpoint, with_token_indices)
+    metadata = ArtifactMetadata.from_config(
+        model.config, model.checkpoint, model.weights, with_token_indices
+    )
     if ks != metadata.topk_k:
         raise EvitDeployError(f"exported TopK K values {ks} differ from the plan {metadata.topk_k}")
     stamp_metadata(proto, metadata)

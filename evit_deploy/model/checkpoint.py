@@ -7,6 +7,7 @@ to the target grid, then load strictly and report every mismatch in one message.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import pickle
 import warnings
@@ -127,12 +128,15 @@ def load_into(model: EViT, state: dict[str, torch.Tensor], source: str | Path) -
 
 def build_model(
     config: EvitConfig,
-    checkpoint: str | Path | dict[str, torch.Tensor] | None = None,
+    checkpoint: str | Path | None = None,
     seed: int = 0,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> EViT:
-    """An eval-mode EViT with checkpoint weights (a path, or a state dict already read), or seeded
-    random weights (with a warning). The head's class count comes from the checkpoint, so
-    fine-tuned heads load as they are."""
+    """An eval-mode EViT with checkpoint weights, or seeded random weights (with a warning).
+
+    `state` is the checkpoint's state dict when the caller has read it already. The head's class
+    count comes from the checkpoint, so fine-tuned heads load as they are.
+    """
     if checkpoint is None:
         warnings.warn(
             "no checkpoint given: using seeded random weights. Predictions are meaningless; "
@@ -140,16 +144,24 @@ def build_model(
             stacklevel=2,
         )
         return init_random_weights(EViT(config), seed).eval()
-    if isinstance(checkpoint, dict):
-        state, source = checkpoint, "checkpoint"
-    else:
-        state, source = read_state_dict(checkpoint), checkpoint
+    if state is None:
+        state = read_state_dict(checkpoint)
     head = state.get("head.weight")
     if head is not None and head.ndim == 2 and head.shape[0] != config.num_classes:
         config = dataclasses.replace(config, num_classes=head.shape[0])
     model = EViT(config)
-    load_into(model, state, source)
+    load_into(model, state, checkpoint)
+    model.checkpoint = str(Path(checkpoint).resolve())
+    model.weights = f"sha256:{file_sha256(checkpoint)}"
     return model.eval()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def infer_model_name(state: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> str:

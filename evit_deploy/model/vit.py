@@ -112,6 +112,10 @@ class EViT(nn.Module):
     def __init__(self, config: EvitConfig):
         super().__init__()
         self.config = config
+        # Where the weights came from, recorded in exported artifacts so a plain-ViT baseline
+        # can be rebuilt from the same weights: "random:SEED" or "sha256:DIGEST" of a checkpoint.
+        self.weights = "uninitialised"
+        self.checkpoint = ""
         arch = config.arch
         dim = arch.embed_dim
         self.patch_embed = PatchEmbed(arch.patch_size, dim)
@@ -165,6 +169,7 @@ def init_random_weights(model: EViT, seed: int = 0) -> EViT:
             qk = block.attn.qkv.weight[: 2 * dim]
             qk.copy_(torch.randn(qk.shape, generator=generator) * qk_std)
         model.pos_embed.mul_(25.0)  # positions distinguishable even for flat image regions
+    model.weights = f"random:{seed}"
     return model
 
 

@@ -50,6 +50,11 @@ class Backend(ABC):
         """Run on a prepared input and wait until the result is ready (what bench times)."""
         self.run(prepared)
 
+    def take_gpu_compute_ms(self) -> list[float]:
+        """GPU compute times (ms) of the runs since the last call, where the backend measures
+        them with device events (TensorRT); empty elsewhere."""
+        return []
+
     def describe(self) -> dict:
         return {
             "backend": self.name,

@@ -55,10 +55,9 @@ class TorchBackend(Backend):
         state = read_state_dict(path) if path is not None else None
         model = model or (infer_model_name(state, path) if state is not None else "deit_small_patch16_224")
         config = EvitConfig(model, keep_rate, tuple(drop_loc), fuse_token, img_size)
-        net = build_model(config, state)
-        config = net.config  # the head size comes from the checkpoint
+        net = build_model(config, path, state=state)
         self.model = net.to(self.device, self.dtype)
-        self.metadata = ArtifactMetadata.from_config(config, checkpoint=Path(path).name if path else "")
+        self.metadata = ArtifactMetadata.from_config(net.config, net.checkpoint, net.weights)
         self.precision = "fp16" if self.dtype == torch.float16 else "fp32"
         self.provider = str(self.device) + (" (torch.compile)" if compile else " (eager)")
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else cpu_name()
