@@ -15,9 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,plot]"
 	touch $(STAMP)
 
+# The main job on the embedded default (DeiT-S EViT keep 0.7; random weights unless
+# CHECKPOINT=path is given): export + validate, then bench against plain DeiT-S on the best
+# backend this machine has (ONNX Runtime picks TensorRT > CUDA > CPU).
 demo: install
 	$(BIN)/evit-deploy export --model deit_small_patch16_224 --keep-rate 0.7 \
 		--output $(DEMO_DIR)/deit_small_keep0.7.onnx --force $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(BIN)/evit-deploy bench $(DEMO_DIR)/deit_small_keep0.7.onnx --batch 1,8,64 --min-seconds 5 \
+		--json $(DEMO_DIR)/bench.json --force
 
 test: install
 	$(BIN)/python -m pytest -q

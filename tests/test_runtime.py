@@ -1,0 +1,274 @@
+"""Predictor over every CPU backend, preprocessing, batching, thread safety, and bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from evit_deploy import Predictor
+from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.export import export_onnx
+from evit_deploy.metadata import ArtifactMetadata
+from evit_deploy.model import EvitConfig, build_model
+from evit_deploy.preprocess import SAMPLE_IMAGE, preprocess
+from evit_deploy.runtime.backends import Backend, backend_for
+from evit_deploy.runtime.bench import bench_artifact, interleaved_latencies, parse_batches
+from evit_deploy.runtime.labels import class_names, imagenet_classes
+from evit_deploy.runtime.onnxruntime_backend import choose_providers
+from evit_deploy.runtime.predictor import Predictor as PredictorClass
+
+TINY = EvitConfig("deit_tiny_patch16_224", 0.7)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """A tiny EViT as checkpoint (.pth) and as its validated ONNX export."""
+    folder = tmp_path_factory.mktemp("artifacts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(TINY, seed=3)
+    checkpoint = folder / "tiny.pth"
+    torch.save({"model": model.state_dict()}, checkpoint)
+    reloaded = build_model(TINY, checkpoint)
+    onnx_path = folder / "tiny.onnx"
+    export_onnx(reloaded, onnx_path)
+    return {"pth": checkpoint, "onnx": onnx_path, "model": reloaded}
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(1).standard_normal((5, 3, 224, 224), dtype=np.float32)
+
+
+def test_onnx_predictor_is_bit_identical_to_onnxruntime(artifacts, images):
+    session = ort.InferenceSession(str(artifacts["onnx"]), providers=["CPUExecutionProvider"])
+    expected = session.run(["logits"], {"images": images})[0]
+    got = Predictor(artifacts["onnx"]).logits(images)
+    assert got.dtype == np.float32 and got.shape == (5, 1000)
+    assert np.array_equal(got, expected)
+
+
+def test_pytorch_predictor_matches_onnx_within_tolerance(artifacts, images):
+    torch_logits = Predictor(artifacts["pth"], keep_rate=0.7).logits(images)
+    onnx_logits = Predictor(artifacts["onnx"]).logits(images)
+    scale = np.abs(torch_logits).max()
+    assert np.abs(torch_logits - onnx_logits).max() <= 1e-4 * scale
+    with torch.no_grad():
+        reference = artifacts["model"](torch.from_numpy(images)).numpy()
+    assert np.array_equal(torch_logits, reference)
+
+
+def test_pytorch_backend_reads_architecture_and_settings(artifacts):
+    predictor = Predictor(artifacts["pth"], keep_rate=0.5, drop_loc=(2, 5))
+    meta = predictor.metadata
+    assert (meta.model, meta.keep_rate, meta.drop_loc) == ("deit_tiny_patch16_224", 0.5, [2, 5])
+    assert meta.weights.startswith("sha256:") and meta.checkpoint.endswith("tiny.pth")
+    assert predictor.backend.describe()["backend"] == "pytorch"
+
+
+def test_metadata_drives_settings(artifacts):
+    predictor = Predictor(artifacts["onnx"])
+    assert predictor.input_shape == (3, 224, 224)
+    assert predictor.metadata.keep_rate == 0.7
+    assert predictor.metadata.topk_k == [b.keep for b in TINY.token_plan if b.keep]
+
+
+def test_predict_same_answer_for_path_pil_and_array(artifacts):
+    predictor = Predictor(artifacts["onnx"])
+    pil = Image.open(SAMPLE_IMAGE).convert("RGB")
+    by_path, by_pil, by_array = predictor.predict([str(SAMPLE_IMAGE), pil, np.asarray(pil)], topk=5)
+    assert by_path == by_pil == by_array
+    assert len(by_path.class_ids) == 5 and by_path.probs == sorted(by_path.probs, reverse=True)
+    assert by_path.labels == [class_names(1000)[c] for c in by_path.class_ids]
+    single = predictor.predict(SAMPLE_IMAGE, topk=3)
+    assert len(single) == 1 and single[0].class_ids == by_path.class_ids[:3]
+
+
+def test_predict_probabilities_are_the_softmax_of_the_logits(artifacts):
+    predictor = Predictor(artifacts["onnx"])
+    batch = preprocess([SAMPLE_IMAGE])
+    logits = predictor.logits(batch)[0].astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    top = predictor.predict(SAMPLE_IMAGE, topk=4)[0]
+    assert top.class_ids == list(np.argsort(-probs)[:4])
+    assert np.allclose(top.probs, probs[top.class_ids], rtol=1e-5)
+
+
+def test_imagenet_labels_shipped():
+    classes = imagenet_classes()
+    assert len(classes) == 1000 and len({w for w, _ in classes}) == 1000
+    assert classes[0] == ("n01440764", "tench") and classes[207][1] == "golden retriever"
+    assert class_names(10) == tuple(f"class {i}" for i in range(10))
+
+
+def test_chunking_splits_large_inputs(artifacts, images):
+    whole = Predictor(artifacts["onnx"]).logits(images)
+    chunked = Predictor(artifacts["onnx"], max_batch=2).logits(images)
+    assert chunked.shape == whole.shape
+    assert np.allclose(chunked, whole, atol=1e-5 * np.abs(whole).max())
+
+
+class RecordingBackend(Backend):
+    """A fake backend with a fixed batch range that records the batch sizes it gets."""
+
+    name = "fake"
+
+    def __init__(self, min_batch: int, max_batch: int):
+        self.metadata = ArtifactMetadata.from_config(TINY)
+        self.min_batch, self.max_batch = min_batch, max_batch
+        self.thread_safe = False
+        self.calls: list[int] = []
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        assert self.min_batch <= len(batch) <= self.max_batch
+        self.calls.append(len(batch))
+        # logits that identify the input: its mean, repeated
+        return np.repeat(batch.mean(axis=(1, 2, 3))[:, None], 1000, axis=1).astype(np.float32)
+
+
+def test_partial_batches_are_padded_and_split(images):
+    predictor = PredictorClass.__new__(PredictorClass)
+    backend = RecordingBackend(min_batch=4, max_batch=4)
+    predictor.backend, predictor.metadata, predictor.max_batch = backend, backend.metadata, 4
+    predictor._lock = threading.Lock()
+    out = predictor.logits(images)  # 5 images -> 4 + (1 padded to 4)
+    assert backend.calls == [4, 4]
+    assert np.allclose(out[:, 0], images.mean(axis=(1, 2, 3)), atol=1e-6)
+
+
+def test_concurrent_callers_get_their_own_results(artifacts):
+    predictor = Predictor(artifacts["onnx"])
+    inputs = [np.random.default_rng(i).standard_normal((2, 3, 224, 224), dtype=np.float32) for i in range(8)]
+    expected = [predictor.logits(x) for x in inputs]
+    results: dict[int, np.ndarray] = {}
+
+    def call(i: int) -> None:
+        results[i] = predictor.logits(inputs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(8))
+    for i in range(8):
+        assert np.allclose(results[i], expected[i], atol=1e-5 * np.abs(expected[i]).max())
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((2, 3, 224, 224), np.float64), "float32"),
+        (np.zeros((2, 3, 160, 160), np.float32), "shape"),
+        (np.zeros((3, 224, 224), np.float32), "shape"),
+        (np.zeros((0, 3, 224, 224), np.float32), "shape"),
+        (np.full((1, 3, 224, 224), np.nan, np.float32), "NaN"),
+        ([[1.0]], "numpy array"),
+    ],
+)
+def test_bad_tensor_inputs_are_refused(artifacts, bad, message):
+    with pytest.raises(EvitDeployError, match=message):
+        Predictor(artifacts["onnx"]).logits(bad)
+
+
+def test_backend_selection(tmp_path):
+    assert backend_for(tmp_path / "m.onnx", "auto") == "onnxruntime"
+    assert backend_for(tmp_path / "m.plan", "auto") == "tensorrt"
+    assert backend_for(tmp_path / "m.engine", "auto") == "tensorrt"
+    assert backend_for(tmp_path / "m.safetensors", "auto") == "pytorch"
+    assert backend_for(tmp_path / "m.onnx", "pytorch") == "pytorch"
+    with pytest.raises(UsageError, match="cannot tell the backend"):
+        backend_for(tmp_path / "m.bin", "auto")
+    with pytest.raises(UsageError, match="unknown backend"):
+        backend_for(tmp_path / "m.onnx", "tflite")
+
+
+def test_provider_choice():
+    cpu_only = ["CPUExecutionProvider"]
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(cpu_only) == cpu_only
+    assert choose_providers(list(reversed(gpu))) == gpu  # preference order, not install order
+    assert choose_providers(gpu, device="cpu") == cpu_only
+    assert choose_providers(gpu, requested=["cuda", "cpu"]) == gpu[1:]
+    with pytest.raises(UsageError, match="not installed"):
+        choose_providers(cpu_only, requested=["cuda"])
+    with pytest.raises(UsageError, match="onnxruntime-gpu"):
+        choose_providers(cpu_only, device="cuda")
+
+
+class CountingBackend(Backend):
+    name = "counting"
+
+    def __init__(self, tag: str, log: list[str]):
+        self.metadata = ArtifactMetadata.from_config(TINY)
+        self.tag, self.log = tag, log
+
+    def run(self, batch):
+        self.log.append(self.tag)
+        return np.zeros((len(batch), 1000), np.float32)
+
+
+def test_variants_are_timed_interleaved():
+    log: list[str] = []
+    a, b = CountingBackend("A", log), CountingBackend("B", log)
+    times = interleaved_latencies([a, b], np.zeros((1, 3, 224, 224), np.float32), warmup=1, iterations=4)
+    assert [len(t) for t in times] == [4, 4]
+    assert log == ["A", "B"] + ["A", "B"] * 4
+
+
+def test_parse_batches():
+    assert parse_batches("1,8,64") == [1, 8, 64]
+    for bad in ("0", "-1", "a", "", "8,,x"):
+        with pytest.raises(UsageError):
+            parse_batches(bad)
+
+
+def test_bench_evit_beside_cached_plain_baseline(artifacts, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(tmp_path / "cache"))
+    report = bench_artifact(artifacts["onnx"], [1, 2], iterations=2, warmup=1)
+    assert [(r.keep_rate, r.batch) for r in report.runs] == [(0.7, 1), (1.0, 1), (0.7, 2), (1.0, 2)]
+    assert set(report.speedup) == {1, 2} and all(s > 0 for s in report.speedup.values())
+    assert report.flops_ratio == pytest.approx(report.runs[1].gmacs / report.runs[0].gmacs)
+    baselines = list((tmp_path / "cache" / "baselines").glob("*.onnx"))
+    assert len(baselines) == 1
+    # the baseline was rebuilt from the same checkpoint: same weights, so at keep 1.0 the
+    # EViT and the baseline agree on what a plain model computes
+    plain = Predictor(baselines[0])
+    assert plain.metadata.keep_rate == 1.0 and plain.metadata.weights == Predictor(artifacts["onnx"]).metadata.weights
+    stamp = baselines[0].stat().st_mtime_ns
+    bench_artifact(artifacts["onnx"], [1], iterations=1, warmup=0)
+    assert baselines[0].stat().st_mtime_ns == stamp  # reused, not re-exported
+
+
+def test_bench_cli_writes_json(artifacts, tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "EVIT_DEPLOY_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "evit_deploy", "bench", str(artifacts["onnx"]), "--batch", "1,2",
+         "--iters", "2", "--warmup", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 4 and set(data["speedup"]) == {"1", "2"}
+    for run in data["runs"]:
+        assert {"model", "keep_rate", "backend", "batch", "latency_ms", "throughput_ips", "gmacs"} <= set(run)
+        assert set(run["latency_ms"]) == {"mean", "p50", "p90", "p99"}
+    assert "EViT is" in proc.stdout and "FLOPs ratio" in proc.stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "evit_deploy", "bench", str(artifacts["onnx"]), "--batch", "1",
+         "--iters", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
