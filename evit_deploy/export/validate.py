@@ -103,10 +103,12 @@ def expose_topk_indices(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
 
 
 def validation_inputs(img_size: int, batch: int = VALIDATION_BATCH) -> dict[str, np.ndarray]:
-    """Seeded random tensors, and a photograph with flipped/rotated copies, `batch` images each."""
+    """Seeded random tensors, and a photograph with mirrored and close-up views, `batch` each."""
     rng = np.random.default_rng(0)
     photo = load_image(SAMPLE_IMAGE)
-    views = [photo, ImageOps.mirror(photo), photo.rotate(90, expand=True), ImageOps.flip(photo)]
+    width, height = photo.size
+    close_up = photo.crop((width // 5, height // 5, width - width // 5, height - height // 5))
+    views = [photo, ImageOps.mirror(photo), close_up, ImageOps.mirror(close_up)]
     return {
         "random": rng.standard_normal((batch, 3, img_size, img_size), dtype=np.float32),
         "natural image": preprocess(views[:batch], img_size),
