@@ -143,7 +143,7 @@ def load_baseline(primary: Backend, path: Path, backend: str, device: str | None
     if kind == "tensorrt":
         from evit_deploy.engines.tensorrt import build_baseline_engine
 
-        return load_backend(build_baseline_engine(path), "tensorrt", device)
+        return load_backend(build_baseline_engine(path, device), "tensorrt", device)
     from evit_deploy.runtime.baseline import baseline_onnx
 
     return load_backend(baseline_onnx(primary.metadata), "onnxruntime", device, **options)

@@ -1,0 +1,216 @@
+"""`evit-deploy doctor`: what is installed, what GPU there is, and therefore which backends run
+here and which exports and builds are possible, with what to install for the rest.
+
+Every probe is guarded and this module imports only the standard library at import time, so the
+doctor reports a broken install instead of crashing on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+from evit_deploy import __version__
+from evit_deploy.engines.support import (
+    MIN_TENSORRT_MAJOR,
+    TENSORRT_INSTALL,
+    TORCH_CUDA_INSTALL,
+    has_fast_fp16,
+    tensorrt_major,
+)
+
+PACKAGES = ("torch", "onnx", "onnxruntime", "onnxslim", "safetensors", "tensorrt", "numpy", "pillow", "typer", "rich")
+IMPORT_NAMES = {"pillow": "PIL"}  # where the import name differs from the distribution's
+DISTRIBUTION_ALTERNATIVES = {"onnxruntime": ("onnxruntime-gpu",)}
+ORT_GPU_INSTALL = "pip uninstall onnxruntime && pip install onnxruntime-gpu"
+NO_GPU = "no CUDA GPU visible to PyTorch"
+GPU_INSTALL = f"needs an NVIDIA GPU and {TORCH_CUDA_INSTALL}"
+
+
+@dataclass
+class Package:
+    name: str
+    version: str | None  # None: not installed
+    error: str = ""  # installed, but importing it fails
+
+    @property
+    def works(self) -> bool:
+        return self.version is not None and not self.error
+
+
+@dataclass
+class Gpu:
+    index: int
+    name: str
+    compute_capability: str
+    memory_gib: float
+    fast_fp16: bool
+
+
+@dataclass
+class Capability:
+    name: str
+    available: bool
+    detail: str  # what it uses when available; what is missing and how to install it when not
+
+
+@dataclass
+class DoctorReport:
+    evit_deploy: str
+    python: str
+    platform: str
+    packages: list[Package]
+    torch_cuda: str | None  # the CUDA version torch was built with; None: a CPU-only build
+    nvidia_driver: str | None
+    onnxruntime_providers: list[str]
+    gpus: list[Gpu]
+    gpu_hint: str = ""  # how to get a usable GPU when none is visible
+    backends: list[Capability] = field(default_factory=list)
+    actions: list[Capability] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def package(self, name: str) -> Package:
+        return next(p for p in self.packages if p.name == name)
+
+
+def diagnose() -> DoctorReport:
+    packages = [probe_package(name) for name in PACKAGES]
+    works = {p.name: p.works for p in packages}
+    torch_cuda, gpus = probe_torch_gpus() if works["torch"] else (None, [])
+    report = DoctorReport(
+        evit_deploy=__version__,
+        python=f"{platform.python_version()} ({sys.executable})",
+        platform=f"{platform.system()} {platform.release()} {platform.machine()}",
+        packages=packages,
+        torch_cuda=torch_cuda,
+        nvidia_driver=probe_nvidia_driver(),
+        onnxruntime_providers=probe_ort_providers() if works["onnxruntime"] else [],
+        gpus=gpus,
+        gpu_hint="" if gpus else GPU_INSTALL,
+    )
+    report.backends, report.actions = capabilities(report)
+    return report
+
+
+def capabilities(report: DoctorReport) -> tuple[list[Capability], list[Capability]]:
+    """Which backends run here and which commands can do their work, from the probes alone."""
+    works = {p.name: p.works for p in report.packages}
+    gpu = report.gpus[0] if report.gpus else None
+    providers = report.onnxruntime_providers
+    no_gpu = None if gpu else NO_GPU
+    no_torch = None if works["torch"] else "pip install torch"
+    no_tensorrt = tensorrt_problem(report.package("tensorrt"))
+    no_fast_fp16 = None if gpu is None or gpu.fast_fp16 else f"{gpu.name} has no fast FP16: use --fp32"
+    export_missing = [n for n in ("torch", "onnx", "onnxruntime", "onnxslim") if not works[n]]
+    on_gpu = f" on {gpu.name}" if gpu else ""
+
+    def capability(name: str, detail: str, *problems: str | None) -> Capability:
+        found = [p for p in problems if p]
+        return Capability(name, not found, "; ".join(found) or detail)
+
+    backends = [
+        capability("pytorch (cpu)", "eager, fp32", no_torch),
+        capability("pytorch (cuda)", f"fp16, eager or torch.compile{on_gpu}", no_torch, no_gpu),
+        capability(
+            "onnxruntime (cpu)",
+            "CPUExecutionProvider",
+            None if "CPUExecutionProvider" in providers else "pip install onnxruntime",
+        ),
+        capability(
+            "onnxruntime (cuda)",
+            f"CUDAExecutionProvider{on_gpu}",
+            no_gpu or (None if "CUDAExecutionProvider" in providers else ORT_GPU_INSTALL),
+        ),
+        capability("tensorrt", f"TensorRT {report.package('tensorrt').version}{on_gpu}", no_torch, no_gpu, no_tensorrt),
+    ]
+    actions = [
+        capability(
+            "export (ONNX)",
+            "trace, simplify (onnxslim), validate (ONNX Runtime)",
+            f"pip install {' '.join(export_missing)}" if export_missing else None,
+        ),
+        capability(
+            "safetensors checkpoints",
+            "load .safetensors",
+            None if works["safetensors"] else "pip install safetensors (.pth/.pt load without it)",
+        ),
+        capability("build-engine --fp16", "FP16, TopK scores kept in FP32", no_torch, no_gpu, no_tensorrt, no_fast_fp16),
+        capability("build-engine --fp32", "FP32", no_torch, no_gpu, no_tensorrt),
+    ]
+    return backends, actions
+
+
+def tensorrt_problem(trt: Package) -> str | None:
+    if trt.version is None:
+        return f"TensorRT not installed: {TENSORRT_INSTALL}"
+    if trt.error:
+        return f"TensorRT {trt.version} does not load ({trt.error}): {TENSORRT_INSTALL}"
+    if tensorrt_major(trt.version) < MIN_TENSORRT_MAJOR:
+        return f"TensorRT {trt.version} is older than {MIN_TENSORRT_MAJOR}: {TENSORRT_INSTALL}"
+    return None
+
+
+def probe_package(name: str) -> Package:
+    """Installed version (distribution metadata), then an import to prove it loads."""
+    version = None
+    for distribution in (name, *DISTRIBUTION_ALTERNATIVES.get(name, ())):
+        try:
+            version = importlib.metadata.version(distribution)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if version is None:
+        return Package(name, None)
+    try:
+        module = importlib.import_module(IMPORT_NAMES.get(name, name))
+    except Exception as exc:  # e.g. TensorRT without its CUDA libraries
+        return Package(name, version, f"{type(exc).__name__}: {_first_line(exc)}")
+    return Package(name, str(getattr(module, "__version__", version)))
+
+
+def probe_torch_gpus() -> tuple[str | None, list[Gpu]]:
+    import torch
+
+    gpus = []
+    try:
+        for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            props = torch.cuda.get_device_properties(index)
+            capability = f"{props.major}.{props.minor}"
+            memory = round(props.total_memory / 2**30, 1)
+            gpus.append(Gpu(index, props.name, capability, memory, has_fast_fp16(capability)))
+    except Exception:  # a driver/runtime mismatch: no usable GPU
+        gpus = []
+    return torch.version.cuda, gpus
+
+
+def probe_nvidia_driver() -> str | None:
+    """The NVIDIA driver version from nvidia-smi; None without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = result.stdout.strip().splitlines()
+    return lines[0] if lines else None
+
+
+def probe_ort_providers() -> list[str]:
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

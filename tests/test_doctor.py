@@ -1,0 +1,123 @@
+"""doctor: reports this machine without crashing, and derives which backends, exports and builds
+work (and what to install) from what it found."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from evit_deploy import doctor
+from evit_deploy.cli import app
+from evit_deploy.doctor import Capability, DoctorReport, Gpu, Package, capabilities, diagnose
+
+runner = CliRunner()
+H100 = Gpu(0, "NVIDIA H100 80GB HBM3", "9.0", 79.1, True)
+
+
+@pytest.fixture(scope="module")
+def here() -> DoctorReport:
+    return diagnose()
+
+
+def report_with(packages: dict[str, tuple[str | None, str]], gpus=(H100,), providers=("CUDAExecutionProvider", "CPUExecutionProvider")) -> DoctorReport:
+    """A report as diagnose() would make it on another machine: every package installed and
+    working unless `packages` says otherwise (name -> (version, import error))."""
+    listed = {name: ("1.0", "") for name in doctor.PACKAGES} | {"tensorrt": ("10.3.0", "")} | packages
+    report = DoctorReport(
+        evit_deploy="0",
+        python="3.11",
+        platform="Linux",
+        packages=[Package(name, *listed[name]) for name in doctor.PACKAGES],
+        torch_cuda="12.6",
+        nvidia_driver="560.35",
+        onnxruntime_providers=list(providers),
+        gpus=list(gpus),
+    )
+    report.backends, report.actions = capabilities(report)
+    return report
+
+
+def by_name(rows: list[Capability]) -> dict[str, Capability]:
+    return {row.name: row for row in rows}
+
+
+def test_this_machine(here):
+    assert here.package("torch").works and here.package("onnxruntime").works
+    assert "CPUExecutionProvider" in here.onnxruntime_providers
+    backends = by_name(here.backends)
+    assert backends["pytorch (cpu)"].available and backends["onnxruntime (cpu)"].available
+    json.dumps(here.to_dict())  # serialisable as it is
+    if not torch.cuda.is_available():
+        assert here.gpus == [] and "CUDA build of PyTorch" in here.gpu_hint
+        assert not backends["tensorrt"].available and not backends["pytorch (cuda)"].available
+        assert "no CUDA GPU" in by_name(here.actions)["build-engine --fp16"].detail
+
+
+def test_a_complete_gpu_machine_can_do_everything():
+    report = report_with({})
+    assert all(row.available for row in report.backends + report.actions), report.backends + report.actions
+    assert by_name(report.backends)["tensorrt"].detail == "TensorRT 10.3.0 on NVIDIA H100 80GB HBM3"
+
+
+def test_missing_pieces_say_what_to_install():
+    report = report_with({"tensorrt": (None, ""), "onnxslim": (None, ""), "safetensors": (None, "")}, providers=["CPUExecutionProvider"])
+    backends, actions = by_name(report.backends), by_name(report.actions)
+    assert not backends["tensorrt"].available and "pip install 'tensorrt>=10,<11'" in backends["tensorrt"].detail
+    assert not backends["onnxruntime (cuda)"].available and "onnxruntime-gpu" in backends["onnxruntime (cuda)"].detail
+    assert backends["pytorch (cuda)"].available
+    assert actions["export (ONNX)"].detail == "pip install onnxslim"
+    assert not actions["safetensors checkpoints"].available
+    assert not actions["build-engine --fp32"].available
+
+
+def test_no_gpu_and_old_or_broken_tensorrt():
+    no_gpu = by_name(report_with({}, gpus=()).backends)
+    assert not no_gpu["tensorrt"].available and no_gpu["tensorrt"].detail == doctor.NO_GPU
+    assert not no_gpu["onnxruntime (cuda)"].available and not no_gpu["pytorch (cuda)"].available
+    old = by_name(report_with({"tensorrt": ("8.6.1", "")}).backends)["tensorrt"]
+    assert not old.available and "older than 10" in old.detail
+    broken = by_name(report_with({"tensorrt": ("10.3.0", "OSError: libcudart.so.12")}).backends)["tensorrt"]
+    assert not broken.available and "does not load (OSError: libcudart.so.12)" in broken.detail
+
+
+def test_slow_fp16_gpu_builds_fp32_only():
+    pascal = Gpu(0, "GTX 1080", "6.1", 8.0, False)
+    actions = by_name(report_with({}, gpus=[pascal]).actions)
+    assert not actions["build-engine --fp16"].available and "use --fp32" in actions["build-engine --fp16"].detail
+    assert actions["build-engine --fp32"].available
+
+
+def test_probe_reports_a_broken_package_instead_of_crashing(tmp_path, monkeypatch):
+    (tmp_path / "brokenpkg.py").write_text("raise OSError('libfoo.so: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.0" if name == "brokenpkg" else real_version(name))
+    package = doctor.probe_package("brokenpkg")
+    assert package.version == "2.0" and not package.works and "libfoo.so" in package.error
+    assert doctor.probe_package("surely-not-installed-pkg") == Package("surely-not-installed-pkg", None)
+
+
+def test_gpu_probe_failure_means_no_gpu(monkeypatch):
+    def fail():
+        raise RuntimeError("CUDA driver version is insufficient")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", fail)
+    assert doctor.probe_torch_gpus()[1] == []
+
+
+def test_cli_doctor_table_and_json():
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    for fragment in ("Packages", "Backends", "Exports and builds", "tensorrt", "onnxruntime (cpu)"):
+        assert fragment in result.output
+    result = runner.invoke(app, ["doctor", "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert {f.name for f in dataclasses.fields(DoctorReport)} == set(data)
+    assert {row["name"] for row in data["backends"]} >= {"tensorrt", "pytorch (cuda)", "onnxruntime (cuda)"}
