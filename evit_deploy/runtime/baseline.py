@@ -1,5 +1,6 @@
-"""The plain ViT (keep_rate 1.0) that an EViT artifact is compared against, built from the same
-weights and cached, so `bench` can show the speed-up without the user exporting it by hand."""
+"""The plain ViT (keep_rate 1.0) that an EViT artifact is compared against, and the other keep
+rates of a sweep, built from the same weights and cached, so `bench` can show the speed-up without
+the user exporting them by hand."""
 
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ def cache_dir() -> Path:
 
 
 def baseline_onnx(metadata: ArtifactMetadata, opset: int = 17) -> Path:
-    """Export (once, then reuse) the keep_rate-1.0 ONNX with the weights `metadata` records.
+    """The keep_rate-1.0 ONNX with the weights `metadata` records (exported once, then reused)."""
+    return cached_onnx(metadata, PLAIN_KEEP_RATE, opset)
+
+
+def cached_onnx(metadata: ArtifactMetadata, keep_rate: float, opset: int = 17) -> Path:
+    """Export (once, then reuse) `metadata`'s model at `keep_rate` with the weights it records.
 
     Weights: the recorded checkpoint when it is still there with the same digest; random weights
     with the recorded seed otherwise (with a warning when a checkpoint was recorded: speed does
@@ -35,19 +41,23 @@ def baseline_onnx(metadata: ArtifactMetadata, opset: int = 17) -> Path:
     """
     from evit_deploy.export.onnx import export_onnx
 
-    config = dataclasses.replace(metadata.to_config(), keep_rate=PLAIN_KEEP_RATE)
+    config = dataclasses.replace(metadata.to_config(), keep_rate=keep_rate)
     checkpoint = _same_checkpoint(metadata)
     weights = metadata.weights if checkpoint else _random_weights(metadata)
+    evit = [config.keep_rate, list(config.drop_loc), config.fuse_token] if config.is_evit else []
     key = json.dumps(
-        [config.model, config.img_size, config.num_classes, weights, opset, __version__]
+        [config.model, config.img_size, config.num_classes, *evit, weights, opset, __version__]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = cache_dir() / "baselines" / f"{config.model}_{config.img_size}px_plain_{digest}.onnx"
+    folder, variant = ("baselines", "plain")
+    if config.is_evit:
+        folder, variant = "evit", f"keep{config.keep_rate:g}"
+    path = cache_dir() / folder / f"{config.model}_{config.img_size}px_{variant}_{digest}.onnx"
     if path.exists():
         return path
     seed = int(weights.split(":", 1)[1]) if weights.startswith("random:") else 0
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random baseline weights are intended here
+        warnings.simplefilter("ignore")  # random weights are intended here: speed only
         model = build_model(config, checkpoint, seed=seed)
     export_onnx(model, path, opset=opset, force=True)
     return path
@@ -60,8 +70,8 @@ def _same_checkpoint(metadata: ArtifactMetadata) -> str | None:
     if Path(path).is_file() and f"sha256:{file_sha256(path)}" == metadata.weights:
         return path
     warnings.warn(
-        f"baseline: checkpoint {path} is gone or changed; the plain ViT is timed with random "
-        "weights (speed does not depend on weight values)",
+        f"checkpoint {path} is gone or changed; the re-exports for timing use random weights "
+        "(speed does not depend on weight values)",
         stacklevel=3,
     )
     return None
