@@ -6,12 +6,12 @@ to the target grid, then load strictly and report every mismatch in one message.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import math
 import pickle
 import warnings
-import zipfile
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from evit_deploy.model.vit import EViT, init_random_weights
 
 CONTAINER_KEYS = ("model", "state_dict", "model_ema", "module")
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+SAFE_GLOBALS = [argparse.Namespace]  # plain data, allowed past weights_only loading
 
 
 class CheckpointError(EvitDeployError):
@@ -46,14 +47,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"cannot read safetensors file {path} (truncated or corrupted?): {_first_line(exc)}"
             ) from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Training checkpoints written by the official EViT/DeiT main.py also hold 'args', an
+        # argparse.Namespace: allow that plain-data class (it cannot run code), nothing else.
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"refused to load {path}: it contains pickled objects other than tensors (possibly "
-            f"code), which weights_only loading does not run. Re-save it as a plain state dict "
-            f"or safetensors."
+            f"refused to load {path}: weights_only loading rejected it ({_unpickling_reason(exc)})."
+            f" It holds pickled objects other than tensors (possibly code, which is never run) or"
+            f" is corrupted. Re-save it as a plain state dict or safetensors."
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # malformed bytes also raise KeyError, IndexError, struct.error...
         raise CheckpointError(
             f"cannot read checkpoint {path} (truncated or corrupted?): {_first_line(exc)}"
         ) from exc
@@ -185,6 +189,14 @@ def _is_tensor_dict(obj: dict) -> bool:
 def _some(items: list[str], limit: int = 6) -> str:
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """The line of torch's weights_only message that names the culprit (a blocked GLOBAL or an
+    unsupported opcode); torch's advice to retry with weights_only=False is left out."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    culprit = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return culprit[0] if culprit else _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,244 @@
+"""Shared fixtures and helpers for the evit-deploy test suite.
+
+Everything expensive is built once per session and shared: seeded random-weight models
+(`random_model`, cached by its arguments) and validated ONNX exports (`onnx_export`, cached by
+config). Shared objects must be treated as read-only; a test that changes a model builds its own
+with `fresh_model`.
+
+No test downloads anything: weights are seeded random (`init_random_weights` makes the class
+attention peaky, as in a trained model) and images are made by the tests or the shipped sample
+photograph (`SAMPLE_IMAGE`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evit_deploy.model import EvitConfig, build_model
+from evit_deploy.model.vit import EViT
+from evit_deploy.preprocess import SAMPLE_IMAGE, preprocess
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:  # so tests can `import reference_evit`
+    sys.path.insert(0, str(TESTS_DIR))
+
+TINY = "deit_tiny_patch16_224"
+SMALL = "deit_small_patch16_224"
+BASE = "deit_base_patch16_224"
+PUBLISHED_DROP_LOC = (3, 6, 9)
+
+__all__ = [
+    "BASE",
+    "PUBLISHED_DROP_LOC",
+    "SAMPLE_IMAGE",
+    "SMALL",
+    "TINY",
+    "config_for",
+    "fresh_model",
+    "natural_images",
+    "random_images",
+    "random_model",
+    "run_cli",
+    "assert_one_line_error",
+    "cli_env",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def config_for(
+    model: str = TINY,
+    keep_rate: float = 0.7,
+    drop_loc: tuple[int, ...] = PUBLISHED_DROP_LOC,
+    fuse_token: bool = True,
+    img_size: int = 224,
+    num_classes: int = 1000,
+) -> EvitConfig:
+    return EvitConfig(model, keep_rate, tuple(drop_loc), fuse_token, img_size, num_classes)
+
+
+def fresh_model(config: EvitConfig, seed: int = 0, checkpoint=None) -> EViT:
+    """A newly built eval-mode model (random weights with `seed`, or from `checkpoint`), without
+    the 'no checkpoint given' warning. Yours to modify."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return build_model(config, checkpoint, seed=seed)
+
+
+@functools.cache
+def _cached_model(config: EvitConfig, seed: int) -> EViT:
+    model = fresh_model(config, seed)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def random_model(
+    model: str = TINY,
+    keep_rate: float = 0.7,
+    drop_loc: tuple[int, ...] = PUBLISHED_DROP_LOC,
+    fuse_token: bool = True,
+    img_size: int = 224,
+    num_classes: int = 1000,
+    seed: int = 0,
+) -> EViT:
+    """A seeded random-weight model built once per session for these arguments. Shared: do not
+    modify it (use `fresh_model` for that)."""
+    config = config_for(model, keep_rate, drop_loc, fuse_token, img_size, num_classes)
+    return _cached_model(config, seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def random_images(batch: int, img_size: int = 224, seed: int = 0) -> np.ndarray:
+    """Seeded standard-normal NCHW float32 images (already 'normalised')."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, 3, img_size, img_size), dtype=np.float32)
+
+
+@functools.cache
+def _natural_images(batch: int, img_size: int) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(SAMPLE_IMAGE) as opened:
+        photo = opened.convert("RGB")
+    views = [
+        photo,
+        ImageOps.mirror(photo),
+        photo.rotate(90, expand=True),
+        ImageOps.flip(photo),
+        photo.crop((0, 0, photo.width // 2, photo.height // 2)),
+        ImageOps.grayscale(photo).convert("RGB"),
+        photo.rotate(270, expand=True),
+    ]
+    return preprocess([views[i % len(views)] for i in range(batch)], img_size)
+
+
+def natural_images(batch: int, img_size: int = 224) -> np.ndarray:
+    """`batch` preprocessed views (flips, rotations, crops) of the shipped sample photograph."""
+    return _natural_images(batch, img_size).copy()
+
+
+@pytest.fixture(scope="session")
+def sample_batch() -> np.ndarray:
+    """Three random and three natural 224px images, [6, 3, 224, 224] float32."""
+    return np.concatenate([random_images(3), natural_images(3)])
+
+
+# --------------------------------------------------------------------------------------------
+# Exports
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory) -> Callable:
+    """`onnx_export(config, with_token_indices=False, seed=0)` -> ExportResult of a validated
+    export of `random_model` for that config, made once per session. The file is shared:
+    read it, do not modify or move it."""
+    from evit_deploy.export import export_onnx
+
+    folder = tmp_path_factory.mktemp("exports")
+    results = {}
+
+    def export(config: EvitConfig, with_token_indices: bool = False, seed: int = 0):
+        key = (config, with_token_indices, seed)
+        if key not in results:
+            name = (
+                f"{config.model}_k{config.keep_rate:g}_d{'-'.join(map(str, config.drop_loc))}"
+                f"_f{int(config.fuse_token)}_{config.img_size}_n{config.num_classes}"
+                f"_i{int(with_token_indices)}_s{seed}.onnx"
+            )
+            model = _cached_model(config, seed)
+            results[key] = export_onnx(
+                model, folder / name, with_token_indices=with_token_indices
+            )
+        return results[key]
+
+    return export
+
+
+# --------------------------------------------------------------------------------------------
+# Environment and CLI
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory):
+    """Keep every cache the code writes (EVIT_DEPLOY_CACHE) out of the user's home."""
+    folder = tmp_path_factory.mktemp("evit-cache")
+    previous = os.environ.get("EVIT_DEPLOY_CACHE")
+    os.environ["EVIT_DEPLOY_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("EVIT_DEPLOY_CACHE", None)
+    else:
+        os.environ["EVIT_DEPLOY_CACHE"] = previous
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """An empty EVIT_DEPLOY_CACHE for this test only (also seen by `run_cli` subprocesses)."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(folder))
+    return folder
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment CLI subprocesses get: the current one, colour off, no inherited terminal
+    width (Rich then renders at its fixed default), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR")}
+    env.update(NO_COLOR="1", PYTHONIOENCODING="utf-8", TERM="dumb")
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str,
+    cwd: str | Path | None = None,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run `python -m evit_deploy ARGS` as a user would; returns the CompletedProcess with text
+    stdout/stderr. Never raises on a non-zero exit: assert on returncode yourself."""
+    return subprocess.run(
+        [sys.executable, "-m", "evit_deploy", *map(str, args)],
+        cwd=cwd,
+        env=env if env is not None else cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli() -> Callable[..., subprocess.CompletedProcess]:
+    """The `run_cli` helper as a fixture."""
+    return run_cli
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    """A CLI failure as users should see it: exit `code`, one `error: ...` line on stderr, no
+    traceback anywhere; returns the line."""
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == code, output
+    assert "Traceback" not in output, output
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
