@@ -3,17 +3,19 @@
 Everything is written to a hidden temp file in the destination folder (same file system, so the
 final os.replace is atomic), flushed to disk, then renamed. Any exception, Ctrl-C included (and
 SIGTERM, which the CLI turns into KeyboardInterrupt), removes the temp file and leaves whatever
-was there before untouched.
+was there before untouched. A process killed outright (SIGKILL, power loss) cannot clean up: its
+temp file is removed by the next write to the same path.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from evit_deploy.errors import UsageError
+from evit_deploy.errors import EvitDeployError, UsageError
 
 
 def check_can_write(path: str | Path, force: bool) -> Path:
@@ -23,6 +25,9 @@ def check_can_write(path: str | Path, force: bool) -> Path:
         raise UsageError(f"{path} already exists; pass --force to replace it")
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give a file path")
+    folder = next(p for p in path.absolute().parents if p.exists())  # created on writing
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {path}: {folder} is not a writable folder")
     return path
 
 
@@ -30,17 +35,45 @@ def check_can_write(path: str | Path, force: bool) -> Path:
 def atomic_output(path: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temp path to write; on success it replaces `path` atomically."""
     path = check_can_write(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path, os.getpid())
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphaned_temps(path)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         if path.exists() and not force:  # appeared while we worked
             raise UsageError(f"{path} already exists; pass --force to replace it")
         os.replace(tmp, path)
+    except OSError as exc:  # read-only or full disk, permissions: nothing was replaced
+        raise EvitDeployError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temp_path(path: Path, pid: int) -> Path:
+    """Where process `pid` writes `path` before renaming it: hidden, in the same folder."""
+    return path.with_name(f".{path.name}.tmp-{pid}")
+
+
+def remove_orphaned_temps(path: Path) -> None:
+    """Delete temp files for `path` left by processes that no longer run (killed outright)."""
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
+        return
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return True
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, force: bool = False) -> Path:

@@ -87,16 +87,24 @@ class ArtifactMetadata:
         missing = [f.name for f in names.values() if f.name not in props and _required(f)]
         if missing:
             raise EvitDeployError(
-                f"{source} carries no evit-deploy metadata (missing {', '.join(missing)}); "
-                f"was it exported with `evit-deploy export`?"
+                f"{source} carries no evit-deploy metadata (missing {', '.join(missing)}), so its "
+                f"input size, normalisation and token plan are unknown: re-export it from its "
+                f"checkpoint with `evit-deploy export`"
             )
-        values = {}
-        for name, f in names.items():
-            if name not in props:
-                continue
-            raw = props[name]
-            values[name] = raw if f.type == "str" else json.loads(raw)
-        return cls(**values)
+        try:
+            values = {
+                name: props[name] if f.type == "str" else json.loads(props[name])
+                for name, f in names.items()
+                if name in props
+            }
+            metadata = cls(**values)
+            metadata.to_config()  # the same validation as the settings of an export
+        except (TypeError, ValueError, EvitDeployError) as exc:
+            raise EvitDeployError(
+                f"{source} has damaged evit-deploy metadata ({exc}); re-export it with "
+                f"`evit-deploy export`"
+            ) from None
+        return metadata
 
 
 def _required(f) -> bool:

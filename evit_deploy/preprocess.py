@@ -9,16 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from evit_deploy.errors import EvitDeployError
 from evit_deploy.model.config import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 
 ASSETS = Path(__file__).parent / "assets"
 SAMPLE_IMAGE = ASSETS / "grace_hopper.jpg"  # public-domain photograph (US Navy), as in matplotlib
-MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: about 8000 x 8000
-
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard (load_image checks it): about 8000 x 8000
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -26,16 +24,10 @@ _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Im
 def load_image(image) -> Image.Image:
     """A path, a PIL image or an HWC uint8 array (RGB, or gray HW) as an RGB PIL image."""
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as opened:
-                return to_rgb(opened)
-        except FileNotFoundError:
-            raise EvitDeployError(f"image not found: {image}") from None
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
-            raise EvitDeployError(f"cannot decode image {image}: {exc}") from None
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if isinstance(image, np.ndarray):
+        picture = _decode(Path(image))
+    elif isinstance(image, Image.Image):
+        picture = to_rgb(image)
+    elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
             image.ndim == 3 and image.shape[2] not in (1, 3, 4)
         ):
@@ -45,10 +37,44 @@ def load_image(image) -> Image.Image:
             )
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
-        return to_rgb(Image.fromarray(image))
-    raise EvitDeployError(
-        f"unsupported image type {type(image).__name__}: give a path, a PIL image or an HWC uint8 array"
+        picture = to_rgb(Image.fromarray(image))
+    else:
+        raise EvitDeployError(
+            f"unsupported image type {type(image).__name__}: give a path, a PIL image or an HWC "
+            "uint8 array"
+        )
+    if 0 in picture.size:
+        raise EvitDeployError(f"image {_name(image)} has no pixels ({picture.width}x{picture.height})")
+    return picture
+
+
+def _decode(path: Path) -> Image.Image:
+    """Decode a file, refusing images over MAX_IMAGE_PIXELS before their pixels are read."""
+    if not path.exists():
+        raise EvitDeployError(f"image not found: {path}")
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise _too_large(path, f" ({width}x{height})")
+            return to_rgb(opened)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _too_large(path, "") from None
+    except EvitDeployError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error, ... on bad bytes
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EvitDeployError(f"cannot decode image {path}: {reason}") from None
+
+
+def _too_large(path: Path, size: str) -> EvitDeployError:
+    return EvitDeployError(
+        f"image {path} is over the {MAX_IMAGE_PIXELS:,}-pixel limit{size}; downscale it"
     )
+
+
+def _name(image) -> str:
+    return str(image) if isinstance(image, (str, Path)) else f"({type(image).__name__})"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -56,7 +82,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image.copy()
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image)
+        if not np.isfinite(array).all():  # checked before the cast: a signalling NaN warns there
+            raise EvitDeployError("image has NaN or Inf pixel values")
+        array = array.astype(np.float64)
         low, high = float(array.min()), float(array.max())
         array = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
         return Image.fromarray(array.round().astype(np.uint8)).convert("RGB")

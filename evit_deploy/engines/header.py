@@ -133,6 +133,8 @@ def read_engine(path: str | Path) -> tuple[EngineHeader, bytes]:
 
 def _read(path: str | Path, with_plan: bool) -> tuple[EngineHeader, bytes]:
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise EvitDeployError(f"engine {path} is empty (0 bytes); build it again")
     try:
         with open(path, "rb") as handle:
             prefix = handle.read(len(MAGIC) + _LENGTH.size)

@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from evit_deploy.errors import EvitDeployError
+from evit_deploy.export.onnx import load_onnx, onnx_metadata
 from evit_deploy.metadata import ArtifactMetadata
 
 TOPK_MAX_K = 3840
@@ -46,13 +47,8 @@ class OnnxPrecheck:
 def precheck_onnx(path: str | Path) -> OnnxPrecheck:
     """Read the graph (not the weights) and raise one EvitDeployError naming every problem."""
     path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise EvitDeployError(f"ONNX file not found: {path}") from None
-    except Exception as exc:
-        raise EvitDeployError(f"cannot read ONNX file {path} (truncated or corrupted?)") from exc
-    metadata = ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(path))
+    model = load_onnx(path)
+    metadata = onnx_metadata(model, path)
     problems = tensorrt_problems(model.graph)
     if problems:
         raise EvitDeployError(f"TensorRT cannot build {path.name}: " + "; ".join(problems))

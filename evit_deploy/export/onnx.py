@@ -23,6 +23,7 @@ from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 from evit_deploy.model.vit import EViT
 
 MIN_OPSET = 17  # LayerNormalization is a single node from 17 on (TensorRT FP16 needs that)
+MAX_OPSET = 23  # the newest this torch exports (torch.onnx._constants.ONNX_MAX_OPSET)
 DEFAULT_OPSET = 17
 TRACE_BATCH = 2  # validation runs another batch size, proving the batch axis is really dynamic
 
@@ -120,15 +121,39 @@ def stamp_metadata(model: onnx.ModelProto, metadata: ArtifactMetadata) -> None:
     model.producer_version = metadata.evit_deploy_version
 
 
-def read_onnx_metadata(path: str | Path) -> ArtifactMetadata:
-    """The evit-deploy metadata of an exported file, without loading its weights."""
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """An ONNX file's graph and metadata (external weights not loaded); a missing, empty or
+    unparsable file is one EvitDeployError."""
+    path = Path(path)
+    if not path.exists():
+        raise EvitDeployError(f"ONNX file not found: {path}")
+    if path.is_dir():
+        raise EvitDeployError(f"{path} is a directory; give an ONNX file")
+    if path.stat().st_size == 0:
+        raise EvitDeployError(f"ONNX file {path} is empty (0 bytes); export it again")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise EvitDeployError(f"ONNX file not found: {path}") from None
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise EvitDeployError(f"cannot read ONNX file {path} (truncated or corrupted?)") from exc
-    return ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(path))
+
+
+def read_onnx_metadata(path: str | Path) -> ArtifactMetadata:
+    """The evit-deploy metadata of an exported file."""
+    return onnx_metadata(load_onnx(path), path)
+
+
+def onnx_metadata(model: onnx.ModelProto, source: str | Path) -> ArtifactMetadata:
+    """The evit-deploy metadata stamped on a loaded ONNX model; refused when it has none."""
+    return ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(source))
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset the exporter or TensorRT cannot use, before any model is built."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageError(
+            f"opset must be >= {MIN_OPSET} (single-node LayerNorm) and <= {MAX_OPSET} (the "
+            f"newest this PyTorch exports), got {opset}"
+        )
 
 
 def export_onnx(
@@ -145,8 +170,7 @@ def export_onnx(
     A file that fails validation is never written, so a path that exists is always a checked
     export.
     """
-    if opset < MIN_OPSET:
-        raise UsageError(f"opset must be >= {MIN_OPSET} (single-node LayerNorm), got {opset}")
+    check_opset(opset)
     output = check_can_write(output, force)
     model = model.eval()
     on_step("tracing")

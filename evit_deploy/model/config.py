@@ -53,6 +53,9 @@ ALIASES = {
 }
 
 DEFAULT_DROP_LOC = (3, 6, 9)
+# Attention memory grows with the 4th power of the input size: at 1024 px one DeiT-B attention map
+# is already 4097^2 per head, beyond that an export or batch runs out of memory.
+MAX_IMG_SIZE = 1024
 
 
 def resolve_arch(name: str) -> ViTArch:
@@ -132,6 +135,11 @@ class EvitConfig:
             raise UsageError(
                 f"img_size must be a positive multiple of the patch size {arch.patch_size}, "
                 f"got {self.img_size}"
+            )
+        if self.img_size > MAX_IMG_SIZE:
+            raise UsageError(
+                f"img_size must be at most {MAX_IMG_SIZE} (attention memory grows with the 4th "
+                f"power of the input size), got {self.img_size}"
             )
         if self.num_classes <= 0:
             raise UsageError(f"num_classes must be positive, got {self.num_classes}")

@@ -7,6 +7,8 @@ so timings cover the model alone.
 
 from __future__ import annotations
 
+import inspect
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.metadata import ArtifactMetadata
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "pytorch")
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 SUFFIX_BACKEND = {
     ".onnx": "onnxruntime",
     ".plan": "tensorrt",
@@ -90,19 +93,25 @@ def load_backend(path: str | Path, backend: str = "auto", device: str | None = N
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give a model file")
     kind = backend_for(path, backend)
+    if device not in (None, "auto") and not DEVICE.fullmatch(device):
+        raise UsageError(f"unknown device '{device}'; use cpu, cuda or cuda:N")
+    threads = options.get("threads")
+    if threads is not None and threads <= 0:
+        raise UsageError(f"threads must be positive, got {threads}")
     if kind == "onnxruntime":
-        from evit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(path, device=device, **options)
-    if kind == "pytorch":
-        from evit_deploy.runtime.torch_backend import TorchBackend
-
-        return TorchBackend(path, device=device, **options)
-    from evit_deploy.runtime.tensorrt_backend import TensorRTBackend
-
-    if options:
-        raise UsageError(f"the tensorrt backend takes no options, got {', '.join(options)}")
-    return TensorRTBackend(path, device=device)
+        from evit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend as backend_class
+    elif kind == "pytorch":
+        from evit_deploy.runtime.torch_backend import TorchBackend as backend_class
+    else:
+        from evit_deploy.runtime.tensorrt_backend import TensorRTBackend as backend_class
+    accepted = set(inspect.signature(backend_class).parameters) - {"path", "device"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise UsageError(
+            f"the {kind} backend does not take {', '.join(unknown)}; it takes "
+            f"{', '.join(sorted(accepted)) or 'no options'}"
+        )
+    return backend_class(path, device=device, **options)
 
 
 def cpu_name() -> str:

@@ -9,6 +9,7 @@ import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export.onnx import read_onnx_metadata
+from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.runtime.backends import Backend, cpu_name
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -62,6 +63,10 @@ class OnnxRuntimeBackend(Backend):
         self.metadata = read_onnx_metadata(self.path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Idle intra-op threads would otherwise spin for a while after each run, stealing the
+        # cores from whatever runs next (the other variant of an interleaved bench, PyTorch, the
+        # server's preprocessing): measured, that slowed the next PyTorch run several-fold.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         chosen = choose_providers(ort.get_available_providers(), device, providers)
@@ -71,6 +76,7 @@ class OnnxRuntimeBackend(Backend):
             raise EvitDeployError(
                 f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}"
             ) from exc
+        check_graph_io(self.session, self.metadata, self.path.name)
         active = self.session.get_providers()
         self.provider = active[0]
         self.device_name = cpu_name() if self.provider == "CPUExecutionProvider" else _gpu_name()
@@ -81,6 +87,25 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+
+def check_graph_io(session, metadata: ArtifactMetadata, source: str) -> None:
+    """The graph's input and output must be what its metadata says (an ONNX edited after export
+    would otherwise fail on the first batch with ONNX Runtime's multi-line message)."""
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    size = metadata.img_size
+    expected = [3, size, size]
+    shape = inputs.get(metadata.input_name)
+    if shape is None or metadata.output_name not in outputs or (
+        len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected))
+    ):
+        raise EvitDeployError(
+            f"{source}'s graph does not match its evit-deploy metadata (metadata: input "
+            f"'{metadata.input_name}' [batch, {', '.join(map(str, expected))}] -> output "
+            f"'{metadata.output_name}'; graph: inputs {inputs}, outputs {outputs}); was it edited "
+            f"after export? Re-export it with `evit-deploy export`"
+        )
 
 
 def _gpu_name() -> str:

@@ -72,8 +72,10 @@ class Predictor:
 
     def predict(self, images, topk: int = 5) -> list[Prediction]:
         """Top-k classes for one image or a list: file paths, PIL images, HWC uint8 arrays."""
-        if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
+        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
             images = [images]
+        if not images:
+            raise EvitDeployError("no images given")
         meta = self.metadata
         batch = preprocess(
             images, meta.img_size, meta.mean, meta.std, meta.crop_pct, meta.interpolation

@@ -28,8 +28,13 @@ class TensorRTBackend(Backend):
         import torch
 
         self.path = Path(path)
-        trt, gpu = require_tensorrt_gpu(device, f"loading {self.path.name}")
+        # The header first: a damaged file or a foreign plan is reported as such on any machine.
         header, plan = read_engine(self.path)
+        trt, gpu = require_tensorrt_gpu(
+            device,
+            f"loading {self.path.name} (built with TensorRT {header.tensorrt_version} for "
+            f"{header.gpu_name})",
+        )
         warning = check_compatible(
             header, trt.__version__, gpu.name, gpu.compute_capability, self.path.name
         )

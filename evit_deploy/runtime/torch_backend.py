@@ -27,6 +27,8 @@ def resolve_device(device: str | None) -> torch.device:
         raise UsageError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("device cuda requested but PyTorch sees no CUDA GPU here")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"device {device} does not exist ({torch.cuda.device_count()} GPU(s) here)")
     return resolved
 
 

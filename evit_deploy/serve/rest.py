@@ -1,0 +1,310 @@
+"""The REST front: what Triton's tensor protocol cannot do by itself.
+
+- POST /v1/models/<model>/predict  an encoded JPEG/PNG (raw body, or multipart form field) ->
+  top-k classes as JSON. The image is decoded and preprocessed here, per request, so an
+  undecodable image is answered 400 on its own and never reaches a batch; the tensor then goes to
+  Triton's HTTP endpoint like any client's, so it joins Triton's dynamic batcher with raw-tensor
+  requests.
+- GET /metrics  Triton's Prometheus metrics plus evit-deploy's (batch-size histogram, REST counts).
+- GET /v1/health/live, /v1/health/ready.
+
+Bounded: at most `max_inflight` image requests at once (more -> 503 at once), bodies over
+`max_body_bytes` -> 413 before they are read, images over `max_pixels` -> 413 before they are
+decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from evit_deploy.client import (
+    HEADER_LENGTH,
+    decode_infer_response,
+    encode_infer_request,
+    error_message,
+)
+from evit_deploy.errors import EvitDeployError
+from evit_deploy.preprocess import preprocess, to_rgb
+from evit_deploy.runtime import Predictor
+from evit_deploy.serve.metrics import ServeMetrics
+
+LOGGER = logging.getLogger(__name__)
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+MAX_TOPK = 100
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Encoded bytes -> RGB PIL image, refusing non-images and oversized images before decoding."""
+    if not data:
+        raise RequestError(400, "empty body: POST the bytes of a JPEG or PNG image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in IMAGE_FORMATS:
+                raise RequestError(
+                    415, f"unsupported image format {image.format}; send {', '.join(IMAGE_FORMATS)}"
+                )
+            width, height = image.size
+            if width * height > max_pixels:
+                raise RequestError(
+                    413, f"image is {width}x{height} pixels; the limit is {max_pixels} pixels"
+                )
+            image.load()
+            return to_rgb(image)
+    except RequestError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on corrupt data
+        raise RequestError(400, f"cannot decode image: {exc}") from None
+
+
+class RestFront:
+    """aiohttp app on its own event loop thread; `start()` returns once it listens."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        model_name: str,
+        triton_http: tuple[str, int],
+        triton_metrics: tuple[str, int],
+        host: str,
+        port: int,
+        metrics: ServeMetrics,
+        max_inflight: int = 1024,
+        max_body_bytes: int = 10 * 2**20,
+        max_pixels: int = 40_000_000,
+        preprocess_threads: int = 2,
+        request_timeout_s: float = 60.0,
+    ):
+        self.predictor = predictor
+        self.meta = predictor.metadata
+        self.model_name = model_name
+        self.triton_url = f"http://{triton_http[0]}:{triton_http[1]}"
+        self.metrics_url = f"http://{triton_metrics[0]}:{triton_metrics[1]}/metrics"
+        self.host = host
+        self.port = port
+        self.metrics = metrics
+        self.max_inflight = max_inflight
+        self.max_body_bytes = max_body_bytes
+        self.max_pixels = max_pixels
+        self.request_timeout_s = request_timeout_s
+        self.inflight = 0
+        self._pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="evit-preprocess")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner = None
+        self._session = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+
+    # -- lifecycle
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._thread = threading.Thread(target=self._run, name="evit-rest", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise EvitDeployError(f"REST front did not start within {timeout:g} s")
+        if self._start_error is not None:
+            raise EvitDeployError(
+                f"REST front cannot listen on {self.host}:{self.port}: {self._start_error}"
+            ) from self._start_error
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop listening, let in-flight requests finish (up to `timeout`), close the loop."""
+        if self._loop is None or self._thread is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(timeout), self._loop)
+        try:
+            future.result(timeout + 5)
+        except Exception:
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._loop = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._startup())
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._start_error = exc
+            self._started.set()
+            loop.close()
+            return
+        self._started.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _startup(self) -> None:
+        from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+
+        app = web.Application(client_max_size=self.max_body_bytes)
+        app.router.add_post("/v1/models/{model}/predict", self.handle_predict)
+        app.router.add_get("/metrics", self.handle_metrics)
+        app.router.add_get("/v1/health/live", self.handle_live)
+        app.router.add_get("/v1/health/ready", self.handle_ready)
+        self._session = ClientSession(
+            connector=TCPConnector(limit=256),
+            timeout=ClientTimeout(total=self.request_timeout_s),
+        )
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            await self._session.close()
+            raise
+
+    async def _shutdown(self, timeout: float) -> None:
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()  # no new connections
+            deadline = time.monotonic() + timeout
+            while self.inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()  # drop keep-alive connections so Triton can drain
+
+    # -- handlers
+
+    def _json(self, status: int, payload: dict, headers: dict | None = None):
+        from aiohttp import web
+
+        self.metrics.rest_requests.inc(str(status))
+        return web.json_response(payload, status=status, headers=headers)
+
+    async def handle_predict(self, request):
+        from aiohttp import web
+
+        if request.match_info["model"] != self.model_name:
+            return self._json(404, {"error": f"unknown model '{request.match_info['model']}'; this server has '{self.model_name}'"})
+        if self.inflight >= self.max_inflight:
+            return self._json(
+                503,
+                {"error": f"server busy: {self.inflight} image requests in flight (limit {self.max_inflight}); retry later"},
+                {"Retry-After": "1"},
+            )
+        self.inflight += 1
+        start = time.perf_counter()
+        try:
+            topk, want_logits = self._query(request)
+            data = await self._read_image_bytes(request)
+            loop = asyncio.get_running_loop()
+            batch = await loop.run_in_executor(self._pool, self._preprocess, data)
+            logits = await self._infer(batch)
+            prediction = self.predictor.classify(logits, topk)[0].to_dict()
+            payload = {"model": self.model_name, **prediction}
+            if want_logits:
+                payload["logits"] = [float(x) for x in logits[0]]
+            self.metrics.rest_latency.observe(time.perf_counter() - start)
+            return self._json(200, payload)
+        except RequestError as exc:
+            return self._json(exc.status, {"error": exc.message})
+        except web.HTTPRequestEntityTooLarge:
+            return self._json(413, {"error": f"body larger than {self.max_body_bytes} bytes"})
+        except asyncio.TimeoutError:
+            return self._json(504, {"error": f"no answer from the model within {self.request_timeout_s:g} s"})
+        except Exception as exc:  # a bug, not the client's doing: answer 500, keep serving
+            LOGGER.exception("image request failed")
+            return self._json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+        finally:
+            self.inflight -= 1
+
+    def _query(self, request) -> tuple[int, bool]:
+        raw = request.query.get("topk", "5")
+        try:
+            topk = int(raw)
+        except ValueError:
+            raise RequestError(400, f"topk must be an integer, got '{raw}'") from None
+        if not 1 <= topk <= MAX_TOPK:
+            raise RequestError(400, f"topk must be between 1 and {MAX_TOPK}, got {topk}")
+        return topk, request.query.get("logits", "").lower() in ("1", "true", "yes")
+
+    async def _read_image_bytes(self, request) -> bytes:
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise RequestError(413, f"body of {request.content_length} bytes is over the {self.max_body_bytes}-byte limit")
+        if request.content_type.startswith("multipart/"):
+            form = await request.post()  # bounded by client_max_size
+            for field in form.values():
+                if hasattr(field, "file"):
+                    return field.file.read()
+            raise RequestError(400, "multipart body has no file field; send the image as a file")
+        return await request.read()  # bounded by client_max_size
+
+    def _preprocess(self, data: bytes) -> np.ndarray:
+        image = decode_image(data, self.max_pixels)
+        meta = self.meta
+        return preprocess([image], meta.img_size, meta.mean, meta.std, meta.crop_pct, meta.interpolation)
+
+    async def _infer(self, batch: np.ndarray) -> np.ndarray:
+        from aiohttp import ClientError
+
+        body, headers = encode_infer_request(self.meta.input_name, batch, self.meta.output_name)
+        url = f"{self.triton_url}/v2/models/{self.model_name}/infer"
+        try:
+            async with self._session.post(url, data=body, headers=headers) as response:
+                data = await response.read()
+                if response.status != 200:
+                    raise RequestError(response.status, error_message(data))
+                return decode_infer_response(data, response.headers.get(HEADER_LENGTH), self.meta.output_name)
+        except ClientError as exc:
+            raise RequestError(503, f"model server unavailable: {exc}") from None
+
+    async def handle_metrics(self, request):
+        from aiohttp import ClientError, ClientTimeout, web
+
+        text = ""
+        try:
+            async with self._session.get(self.metrics_url, timeout=ClientTimeout(total=5)) as response:
+                if response.status == 200:
+                    text = await response.text()
+        except (ClientError, asyncio.TimeoutError):
+            text = "# Triton metrics unavailable\n"
+        if text and not text.endswith("\n"):
+            text += "\n"
+        return web.Response(
+            text=text + self.metrics.render(), content_type="text/plain", charset="utf-8",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
+
+    async def handle_live(self, request):
+        from aiohttp import web
+
+        return web.json_response({"live": True})
+
+    async def handle_ready(self, request):
+        from aiohttp import ClientError, ClientTimeout, web
+
+        try:
+            url = f"{self.triton_url}/v2/models/{self.model_name}/ready"
+            async with self._session.get(url, timeout=ClientTimeout(total=5)) as response:
+                ready = response.status == 200
+        except (ClientError, asyncio.TimeoutError):
+            ready = False
+        return web.json_response({"ready": ready, "model": self.model_name}, status=200 if ready else 503)
+

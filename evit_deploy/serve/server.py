@@ -1,0 +1,356 @@
+"""`evit-deploy serve`: a Predictor behind Triton Inference Server, through PyTriton.
+
+Triton does the serving: its HTTP (KServe v2) and gRPC servers, its dynamic batcher (batches up
+to max_batch or max_delay_ms, whichever comes first), its queue policy (a full queue answers 503
+at once), its health endpoints and Prometheus metrics, and its graceful shutdown. PyTriton runs
+Triton as a subprocess and calls `BatchRunner` with each batch the batcher formed. evit-deploy
+adds a REST front for encoded images (serve/rest.py) and a batch-size histogram.
+
+Ports (Triton's conventions): HTTP `port` (8000), gRPC port+1, metrics port+2; REST front port+3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import sysconfig
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.runtime import Predictor
+from evit_deploy.runtime.backends import backend_for
+from evit_deploy.serve.metrics import ServeMetrics
+
+INSTALL_HINT = "pip install 'evit-deploy[serve]'"
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000  # Triton HTTP (KServe v2)
+    grpc_port: int | None = None  # default port + 1
+    metrics_port: int | None = None  # default port + 2
+    rest_port: int | None = None  # default port + 3
+    model_name: str = "evit"
+    max_batch: int = 64
+    max_delay_ms: float = 5.0
+    max_queue: int = 1024
+    workers: int = 1  # model instances (Triton instance_group count), each with its own Predictor
+    max_body_mb: float = 10.0  # REST front upload limit
+    max_uploads: int = 64  # REST front: image requests in flight at once (more -> 503); bounds memory
+    max_image_pixels: int = 40_000_000
+    shutdown_timeout_s: int = 30
+    verbose: bool = False  # Triton's own log on stdout instead of a temp file
+
+    def __post_init__(self) -> None:
+        self.grpc_port = self.port + 1 if self.grpc_port is None else self.grpc_port
+        self.metrics_port = self.port + 2 if self.metrics_port is None else self.metrics_port
+        self.rest_port = self.port + 3 if self.rest_port is None else self.rest_port
+        for name in ("max_batch", "max_queue", "workers", "shutdown_timeout_s", "max_image_pixels", "max_uploads"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_delay_ms < 0:
+            raise UsageError(f"max-delay-ms must be >= 0, got {self.max_delay_ms}")
+        if self.max_body_mb <= 0:
+            raise UsageError(f"max-body-mb must be positive, got {self.max_body_mb}")
+        ports = [self.port, self.grpc_port, self.metrics_port, self.rest_port]
+        if any(not 0 < p < 65536 for p in ports) or len(set(ports)) != 4:
+            raise UsageError(f"ports must be four distinct numbers in 1..65535, got {ports}")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.model_name):
+            raise UsageError(f"model name may contain only letters, digits, '.', '_' and '-', got '{self.model_name}'")
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {
+            "http": self.port,
+            "grpc": self.grpc_port,
+            "metrics": self.metrics_port,
+            "rest": self.rest_port,
+        }
+
+
+class BatchRunner:
+    """The function Triton calls with each batch: a list of requests -> a list of responses,
+    request i answered with exactly the rows of its own input.
+
+    A request's NaN/Inf images are not run: their rows are zeroed for the batch and answered with
+    NaN logits, so one client's bad values cannot fail, or change, anyone else's result (PyTriton
+    can only fail a whole batch, not one request in it)."""
+
+    def __init__(self, predictor: Predictor, metrics: ServeMetrics):
+        self.predictor = predictor
+        self.metrics = metrics
+        self.input_name = predictor.metadata.input_name
+        self.output_name = predictor.metadata.output_name
+
+    def __call__(self, requests: list) -> list[dict[str, np.ndarray]]:
+        arrays = [np.asarray(request[self.input_name], dtype=np.float32) for request in requests]
+        sizes = [len(a) for a in arrays]
+        batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        finite = np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
+        bad = int(len(batch) - finite.sum())
+        if bad == len(batch):
+            logits = np.full((len(batch), self.predictor.metadata.num_classes), np.nan, np.float32)
+        elif bad:
+            batch = batch.copy()
+            batch[~finite] = 0.0
+            logits = self.predictor.logits(batch)
+            logits[~finite] = np.nan
+        else:
+            logits = self.predictor.logits(batch)
+        self.metrics.observe_batch(len(batch), len(requests), bad)
+        responses, start = [], 0
+        for size in sizes:
+            responses.append({self.output_name: logits[start : start + size]})
+            start += size
+        return responses
+
+
+@contextlib.contextmanager
+def python_backend_library_path() -> Iterator[None]:
+    """Put this interpreter's libpython folder first on LD_LIBRARY_PATH while Triton starts.
+
+    Triton's Python backend stub (the process that relays batches to this one) links
+    libpython3.X.so.1.0. Without this it finds the system's libpython, which may be another patch
+    release than the interpreter whose standard library it then loads (a pyenv or conda Python on
+    Debian: AttributeError: '_thread.RLock' object has no attribute '_recursion_count'). The
+    variable only matters for the processes started meanwhile; it is restored afterwards."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    old = os.environ.get("LD_LIBRARY_PATH")
+    if libdir and Path(libdir).is_dir():
+        os.environ["LD_LIBRARY_PATH"] = libdir + (f":{old}" if old else "")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LD_LIBRARY_PATH", None)
+        else:
+            os.environ["LD_LIBRARY_PATH"] = old
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}") from None
+
+
+def _require_pytriton() -> None:
+    try:
+        import pytriton  # noqa: F401
+    except ImportError:
+        raise EvitDeployError(
+            f"serving needs PyTriton (NVIDIA's Triton Inference Server for Python): {INSTALL_HINT}"
+        ) from None
+
+
+class EvitServer:
+    """Start with `start()` (or `with EvitServer(...) as server:`), stop with `stop()`."""
+
+    def __init__(
+        self,
+        artifact: str | Path,
+        options: ServeOptions | None = None,
+        backend: str = "auto",
+        device: str | None = None,
+    ):
+        self.artifact = Path(artifact)
+        self.options = options or ServeOptions()
+        self.backend = backend
+        self.device = device
+        self.predictors: list[Predictor] = []
+        self.metrics: ServeMetrics | None = None
+        self.triton = None
+        self.front = None
+        self._tmpdir: Path | None = None
+        self.max_batch = self.options.max_batch
+
+    # -- lifecycle
+
+    def start(self, ready_timeout_s: float = 120.0) -> "EvitServer":
+        opts = self.options
+        for what, port in opts.ports.items():
+            check_port_free(opts.host, port, f"the {what} endpoint")
+        _require_pytriton()
+        self._load_predictors()
+        try:
+            self._start_triton()
+            self._start_front()
+            self._wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _load_predictors(self) -> None:
+        opts = self.options
+        kind = backend_for(self.artifact, self.backend)
+        extra = {}
+        if opts.workers > 1 and kind in ("onnxruntime", "pytorch") and self.device in (None, "cpu"):
+            extra["threads"] = max(1, (os.cpu_count() or 1) // opts.workers)
+        self.predictors = [
+            Predictor(self.artifact, self.backend, self.device, **extra) for _ in range(opts.workers)
+        ]
+        limit = self.predictors[0].max_batch
+        if limit is not None and limit < self.max_batch:
+            warnings.warn(f"the artifact takes batches of at most {limit}; max-batch lowered from {self.max_batch}", stacklevel=2)
+            self.max_batch = limit
+        for predictor in self.predictors:
+            predictor.warmup(batch_size=1)
+        self.metrics = ServeMetrics(opts.model_name, self.max_batch)
+
+    @property
+    def metadata(self):
+        return self.predictors[0].metadata
+
+    def _start_triton(self) -> None:
+        from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
+        from pytriton.triton import Triton, TritonConfig
+
+        opts = self.options
+        meta = self.metadata
+        self._tmpdir = Path(tempfile.mkdtemp(prefix="evit-serve-"))
+        config = TritonConfig(
+            http_address=opts.host,
+            http_port=opts.port,
+            grpc_address=opts.host,
+            grpc_port=opts.grpc_port,
+            metrics_address=opts.host,
+            metrics_port=opts.metrics_port,
+            allow_gpu_metrics=False,
+            metrics_config=["summary_latencies=true"],  # request/queue/compute quantiles
+            exit_timeout_secs=opts.shutdown_timeout_s,
+            log_file=None if opts.verbose else self._tmpdir / "triton.log",
+        )
+        model_config = ModelConfig(
+            max_batch_size=self.max_batch,
+            batcher=DynamicBatcher(
+                max_queue_delay_microseconds=int(round(opts.max_delay_ms * 1000)),
+                preferred_batch_size=[self.max_batch],
+                default_queue_policy=QueuePolicy(max_queue_size=opts.max_queue),
+            ),
+        )
+        size = meta.img_size
+        with python_backend_library_path():
+            self.triton = Triton(config=config, workspace=self._tmpdir / "workspace")
+            self.triton.bind(
+                model_name=opts.model_name,
+                infer_func=[BatchRunner(p, self.metrics) for p in self.predictors],
+                inputs=[Tensor(name=meta.input_name, dtype=np.float32, shape=(3, size, size))],
+                outputs=[Tensor(name=meta.output_name, dtype=np.float32, shape=(meta.num_classes,))],
+                config=model_config,
+                strict=False,
+            )
+            try:
+                self.triton.run()
+            except Exception as exc:
+                raise EvitDeployError(
+                    f"Triton Inference Server failed to start: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                    f"{self._log_tail()}"
+                ) from exc
+
+    def _start_front(self) -> None:
+        from evit_deploy.serve.rest import RestFront
+
+        opts = self.options
+        self.front = RestFront(
+            self.predictors[0],
+            opts.model_name,
+            triton_http=(_connect_host(opts.host), opts.port),
+            triton_metrics=(_connect_host(opts.host), opts.metrics_port),
+            host=opts.host,
+            port=opts.rest_port,
+            metrics=self.metrics,
+            max_inflight=min(opts.max_uploads, opts.max_queue),
+            max_body_bytes=int(opts.max_body_mb * 2**20),
+            max_pixels=opts.max_image_pixels,
+            preprocess_threads=min(4, os.cpu_count() or 1),
+        )
+        self.front.start()
+
+    def _wait_ready(self, timeout: float) -> None:
+        from evit_deploy.client import Client
+
+        with Client(self.urls["http"], self.options.model_name, timeout=5) as client:
+            deadline = time.monotonic() + timeout
+            while not client.ready():
+                if time.monotonic() > deadline or not self.alive:
+                    raise EvitDeployError(f"model '{self.options.model_name}' did not become ready{self._log_tail()}")
+                time.sleep(0.1)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.triton is not None and self.triton.is_alive() and self.front is not None and self.front.alive)
+
+    def wait(self, poll_s: float = 1.0) -> None:
+        """Block until Triton or the front dies (raises) or the caller is interrupted."""
+        while True:
+            if self.triton is None or not self.triton.is_alive():
+                raise EvitDeployError(f"Triton Inference Server stopped unexpectedly{self._log_tail()}")
+            if self.front is None or not self.front.alive:
+                raise EvitDeployError("the REST front stopped unexpectedly")
+            time.sleep(poll_s)
+
+    def stop(self) -> None:
+        """Graceful: the front stops taking requests and finishes its in-flight ones, then Triton
+        stops accepting, finishes in-flight inferences (up to shutdown_timeout_s), and exits."""
+        timeout = self.options.shutdown_timeout_s
+        if self.front is not None:
+            self.front.stop(timeout)
+            self.front = None
+        if self.triton is not None:
+            try:
+                self.triton.stop()
+            finally:
+                self.triton = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> "EvitServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- info
+
+    @property
+    def urls(self) -> dict[str, str]:
+        host = _url_host(self.options.host)
+        ports = self.options.ports
+        return {
+            "http": f"http://{host}:{ports['http']}",
+            "grpc": f"{host}:{ports['grpc']}",
+            "metrics": f"http://{host}:{ports['metrics']}/metrics",
+            "rest": f"http://{host}:{ports['rest']}",
+        }
+
+    def _log_tail(self, lines: int = 15) -> str:
+        log = self._tmpdir / "triton.log" if self._tmpdir else None
+        if log is None or not log.exists():
+            return ""
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        return "\nTriton log (last lines):\n  " + "\n  ".join(tail) if tail else ""
+
+
+def _connect_host(host: str) -> str:
+    """Where to connect to reach a server bound to `host` (a wildcard address -> loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _url_host(host: str) -> str:
+    host = _connect_host(host)
+    return f"[{host}]" if ":" in host else host

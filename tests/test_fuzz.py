@@ -1,0 +1,124 @@
+"""Fuzz the two paths that read untrusted bytes: image decoding and checkpoint loading.
+
+Random bytes, truncations, flipped bytes and inserted junk, derived from valid files of every
+format the paths accept, each pass bounded in cases and seconds. The only exception allowed out
+is EvitDeployError (one clear line); a crash, another exception type or executed code fails.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save as safetensors_bytes
+
+from evit_deploy.errors import EvitDeployError
+from evit_deploy.model.checkpoint import read_state_dict
+from evit_deploy.preprocess import load_image
+
+MAX_CASES = 3000
+MAX_SECONDS = 3.0
+
+
+def image_seeds() -> dict[str, bytes]:
+    """Small valid images in every format and mode the decoder is likely to meet."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    variants = {
+        "png": (rgb, "PNG"),
+        "jpeg": (rgb, "JPEG"),
+        "gif": (rgb, "GIF"),
+        "bmp": (rgb, "BMP"),
+        "webp": (rgb, "WEBP"),
+        "tiff": (rgb, "TIFF"),
+        "ico": (rgb, "ICO"),
+        "ppm": (rgb, "PPM"),
+        "rgba.png": (rgb.convert("RGBA"), "PNG"),
+        "gray16.png": (Image.fromarray(rng.integers(0, 65536, (24, 32), dtype=np.uint16)), "PNG"),
+        "float.tiff": (Image.fromarray(rng.standard_normal((24, 32)).astype(np.float32)), "TIFF"),
+    }
+    seeds = {}
+    for name, (image, fmt) in variants.items():
+        buffer = io.BytesIO()
+        image.save(buffer, fmt)
+        seeds[name] = buffer.getvalue()
+    return seeds
+
+
+def checkpoint_seeds() -> dict[str, bytes]:
+    """A state dict as torch zip, legacy torch pickle, wrapped training checkpoint, safetensors."""
+    state = {"patch_embed.proj.weight": torch.randn(4, 3, 2, 2), "head.bias": torch.zeros(5)}
+    seeds = {}
+    for name, obj, zipped in (
+        ("zip.pth", state, True),
+        ("legacy.pth", state, False),
+        ("wrapped.pth", {"model": state, "epoch": 3, "args": {"lr": 0.1}}, True),
+    ):
+        buffer = io.BytesIO()
+        torch.save(obj, buffer, _use_new_zipfile_serialization=zipped)
+        seeds[name] = buffer.getvalue()
+    seeds["st.safetensors"] = safetensors_bytes(state)
+    return seeds
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    kind = rng.randrange(5)
+    if kind == 0:  # truncated download
+        return data[: rng.randrange(len(data))]
+    if kind == 1:  # bit rot
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 16)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        return bytes(damaged)
+    if kind == 2:  # junk inserted
+        at = rng.randrange(len(data))
+        return data[:at] + rng.randbytes(rng.randint(1, 64)) + data[at:]
+    if kind == 3:  # the right magic, then garbage
+        return data[:16] + rng.randbytes(rng.randint(0, 512))
+    return rng.randbytes(rng.randint(0, 512))
+
+
+def fuzz(read: Callable[[Path], object], seeds: dict[str, bytes], folder: Path, seed: int) -> int:
+    """Feed mutated files to `read`; fail on anything but EvitDeployError. Returns the count."""
+    rng = random.Random(seed)
+    deadline = time.monotonic() + MAX_SECONDS
+    cases = 0
+    while cases < MAX_CASES and time.monotonic() < deadline:
+        name = rng.choice(sorted(seeds))
+        data = mutate(seeds[name], rng)
+        path = folder / f"case{Path(name).suffix or '.' + name}"
+        path.write_bytes(data)
+        try:
+            read(path)
+        except EvitDeployError as exc:
+            assert str(exc) and "\n" not in str(exc), str(exc)
+        except Exception as exc:  # the bytes that caused it, for a regression test
+            (folder / f"crash-{name}").write_bytes(data)
+            raise AssertionError(
+                f"{type(exc).__name__} escaped for a mutated {name} (saved as crash-{name}): {exc}"
+            ) from exc
+        cases += 1
+    return cases
+
+
+def test_seeds_are_valid(tmp_path):
+    for name, data in image_seeds().items():
+        (tmp_path / name).write_bytes(data)
+        assert load_image(tmp_path / name).mode == "RGB"
+    for name, data in checkpoint_seeds().items():
+        (tmp_path / name).write_bytes(data)
+        assert "head.bias" in read_state_dict(tmp_path / name)
+
+
+def test_image_decoding_fuzz(tmp_path):
+    assert fuzz(load_image, image_seeds(), tmp_path, seed=1) >= 100
+
+
+def test_checkpoint_loading_fuzz(tmp_path):
+    assert fuzz(read_state_dict, checkpoint_seeds(), tmp_path, seed=2) >= 100

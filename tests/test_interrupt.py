@@ -1,0 +1,96 @@
+"""Interrupted writes: Ctrl-C or kill during an export, or in the middle of writing a file, leaves
+the previous file byte-for-byte as it was and no temp file behind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY, cli_env
+
+from evit_deploy.fileio import temp_path, write_bytes_atomic
+
+PREVIOUS = b"the previous export, which must survive"
+INTERRUPTED = "interrupted: no partial output was left behind"
+
+# Writes the file given as argv[1] through atomic_output, slowly and forever: a write that is
+# always in progress when the signal comes.
+ENDLESS_WRITER = """
+import sys, time
+from evit_deploy.fileio import atomic_output
+with atomic_output(sys.argv[1], force=True) as tmp, open(tmp, "wb") as handle:
+    while True:
+        handle.write(b"half-written " * 1000)
+        handle.flush()
+        time.sleep(0.01)
+"""
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_interrupted_export_keeps_the_previous_file(tmp_path, signum):
+    previous = tmp_path / "model.onnx"
+    previous.write_bytes(PREVIOUS)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evit_deploy", "export", "--model", TINY, "-o", "model.onnx", "--force"],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # Random weights: this warning comes once the model is built, as tracing starts; the
+        # trace, simplification and validation that follow take seconds.
+        first = proc.stderr.readline()
+        assert first.startswith("warning: no checkpoint given"), first
+        time.sleep(0.5)
+        proc.send_signal(signum)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = [line for line in (first + rest).splitlines() if line.strip()]
+    assert proc.returncode == 130, rest
+    assert lines[-1] == INTERRUPTED and "Traceback" not in rest
+    assert previous.read_bytes() == PREVIOUS
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def start_endless_writer(path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ENDLESS_WRITER, str(path)], stderr=subprocess.DEVNULL
+    )
+    tmp = temp_path(path, proc.pid)
+    wait_for(lambda: tmp.exists() and tmp.stat().st_size > 0)
+    return proc
+
+
+def test_ctrl_c_mid_write_removes_the_temp_file(tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(PREVIOUS)
+    proc = start_endless_writer(target)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) != 0
+    assert target.read_bytes() == PREVIOUS
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_kill_mid_write_keeps_the_file_and_the_next_write_cleans_up(tmp_path):
+    """SIGKILL allows no clean-up: the temp file stays until the next write to the same path."""
+    target = tmp_path / "model.onnx"
+    target.write_bytes(PREVIOUS)
+    proc = start_endless_writer(target)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert target.read_bytes() == PREVIOUS
+    assert temp_path(target, proc.pid).exists()
+
+    write_bytes_atomic(target, b"the next export", force=True)
+    assert target.read_bytes() == b"the next export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

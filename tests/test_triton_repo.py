@@ -1,0 +1,151 @@
+"""`evit-deploy triton-repo`: a Triton model repository whose config.pbtxt parses with Triton's
+own model-config schema (tritonclient's model_config_pb2), checked field by field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_one_line_error, config_for, run_cli
+from evit_deploy.engines.header import EngineHeader, write_engine
+from evit_deploy.engines.settings import BatchProfile, BuildSettings
+from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.metadata import ArtifactMetadata
+from evit_deploy.serve.triton_repo import write_triton_repo
+
+model_config_pb2 = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2", reason="needs tritonclient (the serve extra)"
+)
+from google.protobuf import text_format  # noqa: E402 - protobuf comes with tritonclient
+
+
+def parse_config(path) -> "model_config_pb2.ModelConfig":
+    """Parse with Triton's schema: an unknown field or a bad enum value raises ParseError."""
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def onnx_artifact(onnx_export):
+    return onnx_export(config_for()).path
+
+
+def fake_engine(path, profile=BatchProfile(1, 16, 32), with_token_indices=False) -> bytes:
+    """An evit-deploy engine file whose plan is placeholder bytes (no TensorRT needed)."""
+    meta = ArtifactMetadata.from_config(config_for(), with_token_indices=with_token_indices)
+    header = EngineHeader(
+        metadata=meta, tensorrt_version="10.9.0", gpu_name="NVIDIA H100", compute_capability="9.0",
+        precision="fp16", settings=BuildSettings(profile=profile), input_shape=[3, 224, 224],
+    )
+    plan = b"PLAN" + bytes(range(256)) * 8
+    write_engine(path, header, plan)
+    return plan
+
+
+def test_onnx_repository_parses_with_tritons_schema(onnx_artifact, tmp_path):
+    result = write_triton_repo(
+        onnx_artifact, tmp_path / "repo", instances=2, max_batch=64, preferred_batch="16,32",
+        max_queue_delay_us=100, max_queue=512,
+    )
+    model_dir = tmp_path / "repo" / "evit"
+    assert result.model_dir == model_dir
+    config = parse_config(model_dir / "config.pbtxt")
+    types = model_config_pb2.DataType
+    assert config.name == "evit" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 64
+    (image,) = config.input
+    assert (image.name, image.data_type, list(image.dims)) == ("images", types.Value("TYPE_FP32"), [3, 224, 224])
+    assert image.format == model_config_pb2.ModelInput.Format.Value("FORMAT_NCHW")
+    (logits,) = config.output
+    assert (logits.name, logits.data_type, list(logits.dims)) == ("logits", types.Value("TYPE_FP32"), [1000])
+    assert logits.label_filename == "labels.txt"
+    batching = config.dynamic_batching
+    assert list(batching.preferred_batch_size) == [16, 32]
+    assert batching.max_queue_delay_microseconds == 100
+    assert batching.default_queue_policy.max_queue_size == 512
+    (group,) = config.instance_group
+    assert group.count == 2 and group.kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_AUTO")
+    # the model, the labels for the classification extension, the metadata for clients
+    assert (model_dir / "1" / "model.onnx").read_bytes() == onnx_artifact.read_bytes()
+    labels = (model_dir / "labels.txt").read_text().splitlines()
+    assert len(labels) == 1000 and labels[0] == "tench" and labels[999] == "toilet tissue"
+    meta = json.loads((model_dir / "evit_metadata.json").read_text())
+    assert meta["img_size"] == "224" and meta["input_name"] == "images"
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["evit"]  # no temp folders left
+
+
+def test_token_index_outputs_are_declared_with_their_types(onnx_export, tmp_path):
+    artifact = onnx_export(config_for(), with_token_indices=True).path
+    write_triton_repo(artifact, tmp_path, model_name="evit_tokens", kind="cpu")
+    config = parse_config(tmp_path / "evit_tokens" / "config.pbtxt")
+    meta = ArtifactMetadata.from_config(config_for(), with_token_indices=True)
+    outputs = {o.name: o for o in config.output}
+    assert list(outputs) == ["logits", *meta.token_index_outputs]
+    for name, k in zip(meta.token_index_outputs, meta.topk_k):
+        assert outputs[name].data_type == model_config_pb2.DataType.Value("TYPE_INT64")
+        assert list(outputs[name].dims) == [k]
+        assert outputs[name].label_filename == ""
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
+    assert not config.dynamic_batching.preferred_batch_size
+
+
+def test_engine_repository_holds_the_bare_plan(tmp_path):
+    engine = tmp_path / "tiny.plan"
+    plan = fake_engine(engine, BatchProfile(1, 16, 32))
+    result = write_triton_repo(engine, tmp_path / "repo", max_batch=64, preferred_batch="16,32")
+    config = parse_config(result.config_path)
+    assert config.platform == "tensorrt_plan"
+    assert config.max_batch_size == 32  # capped at the engine's profile
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_GPU")
+    assert (result.model_dir / "1" / "model.plan").read_bytes() == plan  # header stripped
+    assert any("max_batch_size lowered" in n for n in result.notes)
+    assert any("TensorRT 10.9.0" in n for n in result.notes)
+
+
+def test_engine_that_cannot_take_batch_1_is_refused(tmp_path):
+    engine = tmp_path / "tiny.engine"
+    fake_engine(engine, BatchProfile(4, 16, 32))
+    with pytest.raises(EvitDeployError, match="--min-batch 1"):
+        write_triton_repo(engine, tmp_path / "repo")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"preferred_batch": "16,128"}, "preferred-batch sizes must be in 1..64"),
+        ({"preferred_batch": "16,x"}, "comma-separated integers"),
+        ({"instances": 0}, "--instances must be positive"),
+        ({"max_batch": 0}, "--max-batch must be positive"),
+        ({"kind": "tpu"}, "--kind must be one of"),
+        ({"model_name": "../evil"}, "model name"),
+    ],
+)
+def test_bad_options_are_refused_before_writing(onnx_artifact, tmp_path, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        write_triton_repo(onnx_artifact, tmp_path / "repo", **kwargs)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_existing_model_is_replaced_only_with_force(onnx_artifact, tmp_path):
+    write_triton_repo(onnx_artifact, tmp_path, max_batch=8)
+    with pytest.raises(UsageError, match="--force"):
+        write_triton_repo(onnx_artifact, tmp_path, max_batch=16)
+    assert parse_config(tmp_path / "evit" / "config.pbtxt").max_batch_size == 8
+    write_triton_repo(onnx_artifact, tmp_path, max_batch=16, force=True)
+    assert parse_config(tmp_path / "evit" / "config.pbtxt").max_batch_size == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evit"]
+
+
+def test_cli_writes_a_repository_and_reports_errors_in_one_line(onnx_artifact, tmp_path):
+    proc = run_cli(
+        "triton-repo", onnx_artifact, "--output", tmp_path / "repo", "--model-name", "deit",
+        "--instances", "3", "--preferred-batch", "16,32", "--max-queue-delay-us", "250",
+    )
+    assert proc.returncode == 0, proc.stderr
+    config = parse_config(tmp_path / "repo" / "deit" / "config.pbtxt")
+    assert config.name == "deit" and config.instance_group[0].count == 3
+    assert config.dynamic_batching.max_queue_delay_microseconds == 250
+    assert "tritonserver --model-repository" in proc.stdout
+    checkpoint = tmp_path / "model.pth"
+    checkpoint.write_bytes(b"")
+    assert_one_line_error(run_cli("triton-repo", checkpoint, "-o", tmp_path / "r2"), 2, "evit-deploy export")
