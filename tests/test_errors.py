@@ -425,13 +425,32 @@ def render_errors_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+README = DOCS.parents[1] / "README.md"
+README_START, README_END = "<!-- errors:start -->\n", "<!-- errors:end -->"
+
+
+def readme_with_errors(readme: str, rendered: str) -> str:
+    """README.md with its errors section replaced by the rendered tables (headings one level
+    down, the page's title and introduction left out)."""
+    tables = rendered[rendered.index("## Command line") :].replace("## ", "### ")
+    head, rest = readme.split(README_START, 1)
+    return head + README_START + tables + README_END + rest.split(README_END, 1)[1]
+
+
 def test_docs_errors_table_is_rendered_from_the_cases():
-    assert DOCS.is_file() and DOCS.read_text(encoding="utf-8") == render_errors_markdown(), (
+    rendered = render_errors_markdown()
+    assert DOCS.is_file() and DOCS.read_text(encoding="utf-8") == rendered, (
         f"{DOCS} is out of date: run `.venv/bin/python tests/test_errors.py` to regenerate it"
+    )
+    readme = README.read_text(encoding="utf-8")
+    assert readme == readme_with_errors(readme, rendered), (
+        "README.md's errors table is out of date: run `.venv/bin/python tests/test_errors.py`"
     )
 
 
 if __name__ == "__main__":
     DOCS.parent.mkdir(exist_ok=True)
-    DOCS.write_text(render_errors_markdown(), encoding="utf-8")
-    print(f"wrote {DOCS}", file=sys.stderr)
+    rendered = render_errors_markdown()
+    DOCS.write_text(rendered, encoding="utf-8")
+    README.write_text(readme_with_errors(README.read_text(encoding="utf-8"), rendered), encoding="utf-8")
+    print(f"wrote {DOCS} and the errors section of {README}", file=sys.stderr)
