@@ -220,13 +220,20 @@ def predict(
     if as_json:
         print(json.dumps([{"image": str(i), **p.to_dict()} for i, p in zip(images, predictions)], indent=2))
         return
-    table = Table(title=f"{artifact.name} ({predictor.backend.name}, {predictor.backend.provider})")
+    title = f"{artifact.name} ({predictor.backend.name}, {predictor.backend.provider})"
+    console.print(predictions_table(title, images, [p.to_dict() for p in predictions]))
+
+
+def predictions_table(title: str, images: list[Path], predictions: list[dict]) -> Table:
+    """Top-k rows per image from {class_ids, labels, probs} dicts."""
+    table = Table(title=title)
     for column in ("image", "rank", "class", "label", "prob"):
         table.add_column(column, justify="right" if column in ("rank", "class", "prob") else "left")
-    for image, prediction in zip(images, predictions):
-        for rank, (cid, label, prob) in enumerate(zip(prediction.class_ids, prediction.labels, prediction.probs), 1):
+    for image, result in zip(images, predictions):
+        rows = zip(result["class_ids"], result["labels"], result["probs"])
+        for rank, (cid, label, prob) in enumerate(rows, 1):
             table.add_row(str(image) if rank == 1 else "", str(rank), str(cid), label, f"{prob:.4f}")
-    console.print(table)
+    return table
 
 
 @command()
@@ -668,18 +675,15 @@ def client(
     """Classify images on a running `evit-deploy serve` (uploads them to its REST front)."""
     from evit_deploy.client import Client
 
+    missing = [str(image) for image in images if not image.is_file()]
+    if missing:
+        raise EvitDeployError(f"image not found: {', '.join(missing)}")
     with Client(url, model_name, rest_url=rest_url) as remote:
         results = [remote.predict_image(image, topk=topk) for image in images]
     if as_json:
         print(json.dumps([{"image": str(i), **r} for i, r in zip(images, results)], indent=2))
         return
-    table = Table(title=f"model '{model_name}' at {url}")
-    for column in ("image", "rank", "class", "label", "prob"):
-        table.add_column(column, justify="right" if column in ("rank", "class", "prob") else "left")
-    for image, result in zip(images, results):
-        for rank, (cid, label, prob) in enumerate(zip(result["class_ids"], result["labels"], result["probs"]), 1):
-            table.add_row(str(image) if rank == 1 else "", str(rank), str(cid), label, f"{prob:.4f}")
-    console.print(table)
+    console.print(predictions_table(f"model '{model_name}' at {url}", images, results))
 
 
 @command()
