@@ -30,6 +30,12 @@ with atomic_output(sys.argv[1], force=True) as tmp, open(tmp, "wb") as handle:
 """
 
 
+def default_sigint() -> None:
+    """Children of a shell's background job inherit SIGINT ignored (and Python then installs no
+    KeyboardInterrupt handler); reset it, as a terminal's Ctrl-C would find it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(condition, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -44,6 +50,7 @@ def test_interrupted_export_keeps_the_previous_file(tmp_path, signum):
     proc = subprocess.Popen(
         [sys.executable, "-m", "evit_deploy", "export", "--model", TINY, "-o", "model.onnx", "--force"],
         cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_sigint,
     )
     try:
         # Random weights: this warning comes once the model is built, as tracing starts; the
@@ -64,7 +71,8 @@ def test_interrupted_export_keeps_the_previous_file(tmp_path, signum):
 
 def start_endless_writer(path: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-c", ENDLESS_WRITER, str(path)], stderr=subprocess.DEVNULL
+        [sys.executable, "-c", ENDLESS_WRITER, str(path)], stderr=subprocess.DEVNULL,
+        preexec_fn=default_sigint,
     )
     tmp = temp_path(path, proc.pid)
     wait_for(lambda: tmp.exists() and tmp.stat().st_size > 0)
