@@ -29,7 +29,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Export, validate, build and benchmark EViT token-pruned vision transformers.",
 )
-console = Console()
+# Piped output (CI logs, files) gets room for the tables instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 _debug = False
 
@@ -300,7 +301,7 @@ def bench_table(report) -> Table:
             run.model.replace("_patch16_224", ""),
             f"{run.keep_rate:g}",
             str(run.batch),
-            *(f"{lat[k]:.1f}" for k in ("mean", "p50", "p90", "p99")),
+            *(f"{lat[k]:.1f}" if lat[k] < 1000 else f"{lat[k]:.0f}" for k in ("mean", "p50", "p90", "p99")),
             f"{run.throughput_ips:.1f}",
             f"{run.gmacs:.2f}",
             str(run.iterations),
