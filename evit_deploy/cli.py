@@ -52,8 +52,8 @@ def _root(
     _debug = debug
 
 
-def command(*args, **kwargs):
-    """app.command() that turns errors into one line on stderr and an exit code (no traceback
+def command(*args, group: typer.Typer = app, **kwargs):
+    """group.command() (app's by default) that turns errors into one line on stderr and an exit code (no traceback
     unless --debug): EvitDeployError -> its exit code, Ctrl-C/kill -> 130, a bug -> 1."""
 
     def decorate(fn):
@@ -82,7 +82,7 @@ def command(*args, **kwargs):
                 )
                 raise typer.Exit(1) from None
 
-        return app.command(*args, **kwargs)(wrapper)
+        return group.command(*args, **kwargs)(wrapper)
 
     return decorate
 
@@ -126,6 +126,12 @@ def export(
     with_token_indices: bool = typer.Option(
         False, help="Also output each drop block's kept-token indices."
     ),
+    labels: Optional[Path] = typer.Option(
+        None, help="Class names, one per line in class-id order (default: labels.txt beside the checkpoint)."
+    ),
+    validate_dir: Optional[Path] = typer.Option(
+        None, help="Also validate on every image in this folder (e.g. held-out data)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Export a checkpoint to ONNX (dynamic batch), validated against PyTorch before it is written."""
@@ -139,13 +145,14 @@ def export(
     output = output or Path(default_onnx_name(config))
     check_can_write(output, force)
     with err_console.status("loading model") as status:
-        net = build_model(config, checkpoint)
+        net = build_model(config, checkpoint, labels=labels)
         result = export_onnx(
             net,
             output,
             opset=opset,
             force=force,
             with_token_indices=with_token_indices,
+            validate_dir=validate_dir,
             on_step=lambda step: status.update(step),
         )
     meta = result.metadata
@@ -169,6 +176,8 @@ def export(
         f"model           {meta.model}, keep_rate {meta.keep_rate}, drop_loc {meta.drop_loc}, fuse_token {meta.fuse_token}",
         f"TopK K          {meta.topk_k or 'none (plain ViT)'}",
         f"tokens/block    {meta.tokens_per_block}",
+        f"classes         {len(meta.classes)}: {', '.join(meta.classes)}" if meta.classes
+        else f"classes         {meta.num_classes} (unnamed{', ImageNet names' if meta.num_classes == 1000 else ''})",
         f"next            evit-deploy bench {escape(str(result.path))} --batch 64",
     ]
     for line in summary:
@@ -222,18 +231,29 @@ def predict(
         print(json.dumps([{"image": str(i), **p.to_dict()} for i, p in zip(images, predictions)], indent=2))
         return
     title = f"{artifact.name} ({predictor.backend.name}, {predictor.backend.provider})"
-    console.print(predictions_table(title, images, [p.to_dict() for p in predictions]))
+    predictions = [p.to_dict() for p in predictions]
+    console.print(predictions_table(title, images, predictions, predictor.metadata.classes))
 
 
-def predictions_table(title: str, images: list[Path], predictions: list[dict]) -> Table:
-    """Top-k rows per image from {class_ids, labels, probs} dicts."""
+def predictions_table(
+    title: str, images: list[Path], predictions: list[dict], classes: list[str] = ()
+) -> Table:
+    """Top-k rows per image from {class_ids, labels, probs} dicts. Where an image sits in a folder
+    named after one of the model's classes (an ImageFolder), that class is shown as the truth."""
+    truths = [Path(image).parent.name if Path(image).parent.name in classes else None for image in images]
     table = Table(title=title)
-    for column in ("image", "rank", "class", "label", "prob"):
+    columns = ["image", *(["true class"] if any(truths) else []), "rank", "class", "label", "prob"]
+    for column in columns:
         table.add_column(column, justify="right" if column in ("rank", "class", "prob") else "left")
-    for image, result in zip(images, predictions):
+    for image, truth, result in zip(images, truths, predictions):
         rows = zip(result["class_ids"], result["labels"], result["probs"])
         for rank, (cid, label, prob) in enumerate(rows, 1):
-            table.add_row(str(image) if rank == 1 else "", str(rank), str(cid), label, f"{prob:.4f}")
+            first = rank == 1
+            cells = [str(image) if first else ""]
+            if any(truths):
+                mark = "" if truth is None else (" [green]✓[/]" if truth == result["labels"][0] else " [red]✗[/]")
+                cells.append(f"{truth or '-'}{mark}" if first else "")
+            table.add_row(*cells, str(rank), str(cid), escape(label), f"{prob:.4f}")
     return table
 
 
@@ -378,8 +398,11 @@ def evaluate_accuracy(
     fuse_token: Optional[bool] = CHECKPOINT_FUSE_TOKEN,
     img_size: Optional[int] = CHECKPOINT_IMG_SIZE,
 ) -> None:
-    """Top-1 / top-5 accuracy on an image folder, with any backend."""
+    """Top-1 / top-5 accuracy on an image folder, with any backend; with an objects.json (from
+    `evit-deploy dataset shapes`) also how much of each object the drop blocks keep."""
     import time
+
+    from evit_deploy.data.shapes import OBJECTS_FILE
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -395,7 +418,8 @@ def evaluate_accuracy(
         check_can_write(json_path, force)
     with err_console.status(f"loading {artifact.name}"):
         predictor = Predictor(artifact, backend=backend, device=device, **options)
-    samples = spread_subset(find_samples(data_dir, predictor.metadata.num_classes, labels), limit)
+    meta = predictor.metadata
+    samples = spread_subset(find_samples(data_dir, meta.num_classes, labels, meta.classes), limit)
     if predictor.metadata.weights.startswith("random:"):
         warnings.warn(f"{artifact.name} has random weights: its accuracy is meaningless")
     columns = (
@@ -423,10 +447,45 @@ def evaluate_accuracy(
         f"{result.images_per_s:.1f}", f"{result.model_images_per_s:.1f}",
     )
     console.print(table)
+    record = {"artifact": str(artifact), "data_dir": str(data_dir), **result.to_dict()}
+    if (data_dir / OBJECTS_FILE).is_file():
+        recall = _object_recall(artifact, data_dir, limit, options)
+        if recall is not None:
+            console.print(recall_table(recall))
+            record["object_recall"] = recall.to_dict()
     if json_path:
-        record = {"artifact": str(artifact), "data_dir": str(data_dir), **result.to_dict()}
         write_bytes_atomic(json_path, json.dumps(record, indent=2).encode(), force)
         console.print(f"wrote {json_path}")
+
+
+def _object_recall(artifact: Path, data_dir: Path, limit: Optional[int], options: dict):
+    """Object recall per drop block where the artifact can say which tokens it keeps; a note
+    instead where it cannot (an engine, an ONNX without kept-token outputs, a plain ViT)."""
+    from evit_deploy.analysis.object_recall import object_recall
+    from evit_deploy.analysis.visualize import load_token_source
+
+    try:
+        with err_console.status("object recall: which patches each drop block keeps"):
+            return object_recall(load_token_source(artifact, **options), data_dir, limit)
+    except EvitDeployError as exc:
+        err_console.print(f"[yellow]note:[/] no object recall: {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return None
+
+
+def recall_table(report) -> Table:
+    table = Table(
+        title=f"Kept tokens vs objects ({report.images} images, object {report.object_share:.1%} of the patches)",
+        caption="object recall: share of the object's patches still kept; background: share of the other patches still kept",
+    )
+    for column in ("drop block", "K", "object recall", "background kept", "object / background"):
+        table.add_column(column, justify="right")
+    for row in report.blocks:
+        ratio = row.object_recall / row.background_kept if row.background_kept else float("inf")
+        table.add_row(
+            str(row.block), str(row.keep), f"{row.object_recall:.1%}", f"{row.background_kept:.1%}",
+            f"{ratio:.1f}x",
+        )
+    return table
 
 
 @command()
@@ -812,6 +871,38 @@ def sweep_table(report) -> Table:
             row += [f"{accuracy['top1']:.2%}", f"{accuracy['top5']:.2%}"]
         table.add_row(*row)
     return table
+
+
+dataset_app = typer.Typer(no_args_is_help=True, help="Generate datasets (no download needed).")
+app.add_typer(dataset_app, name="dataset")
+
+
+@command(name="shapes", group=dataset_app)
+def dataset_shapes(
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write (ImageFolder layout)."),
+    count: int = typer.Option(..., help="Images in all (classes balanced)."),
+    seed: int = typer.Option(0, help="Same seed, same images; use different seeds for train and held-out sets."),
+    img_size: int = typer.Option(224, help="Image size in pixels (a multiple of 16)."),
+    force: bool = typer.Option(False, help="Replace an existing folder."),
+) -> None:
+    """The shapes dataset the shipped model was trained on: one coloured object on grey clutter,
+    8 classes (colour family x shape), with each image's object patches in objects.json."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from evit_deploy.data.shapes import CLASSES, write_dataset
+
+    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("shapes", total=count)
+        write_dataset(
+            output, count, seed, img_size, force,
+            on_image=lambda done: progress.update(task, completed=done),
+        )
+    console.print(
+        f"[bold green]wrote[/] {escape(str(output))}: {count} images, {len(CLASSES)} classes "
+        f"({', '.join(CLASSES)}), labels.txt, objects.json",
+        soft_wrap=True, highlight=False,
+    )
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

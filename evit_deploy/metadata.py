@@ -35,9 +35,19 @@ class ArtifactMetadata:
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     token_index_outputs: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)  # the model's class names; [] = unnamed
     checkpoint: str = ""  # absolute path of the source checkpoint; "" for random weights
     weights: str = ""  # "random:SEED" or "sha256:DIGEST" of the checkpoint
     evit_deploy_version: str = __version__
+
+    @classmethod
+    def from_model(cls, model, with_token_indices: bool = False) -> "ArtifactMetadata":
+        """The metadata of an EViT module: its config, weights provenance, class names and the
+        preprocessing its checkpoint was trained with."""
+        return cls.from_config(
+            model.config, model.checkpoint, model.weights, with_token_indices,
+            classes=list(model.classes), **model.preprocessing.to_dict(),
+        )
 
     @classmethod
     def from_config(
@@ -46,7 +56,9 @@ class ArtifactMetadata:
         checkpoint: str = "",
         weights: str = "",
         with_token_indices: bool = False,
+        **extra,
     ) -> "ArtifactMetadata":
+        """extra: classes and the preprocessing fields (mean, std, crop_pct, interpolation)."""
         plan = config.token_plan
         drop_blocks = [b.block for b in plan if b.keep is not None]
         return cls(
@@ -63,6 +75,7 @@ class ArtifactMetadata:
             else [],
             checkpoint=checkpoint,
             weights=weights,
+            **extra,
         )
 
     def to_config(self) -> EvitConfig:
@@ -99,6 +112,10 @@ class ArtifactMetadata:
             }
             metadata = cls(**values)
             metadata.to_config()  # the same validation as the settings of an export
+            if metadata.classes and len(metadata.classes) != metadata.num_classes:
+                raise ValueError(
+                    f"{len(metadata.classes)} class names for {metadata.num_classes} classes"
+                )
         except (TypeError, ValueError, EvitDeployError) as exc:
             raise EvitDeployError(
                 f"{source} has damaged evit-deploy metadata ({exc}); re-export it with "

@@ -23,7 +23,7 @@ from evit_deploy.model import EvitConfig, build_model
 from evit_deploy.preprocess import SAMPLE_IMAGE, preprocess
 from evit_deploy.runtime.backends import Backend, backend_for
 from evit_deploy.runtime.bench import bench_artifact, interleaved_latencies, parse_batches
-from evit_deploy.runtime.labels import class_names, imagenet_classes
+from evit_deploy.runtime.labels import default_class_names, imagenet_classes
 from evit_deploy.runtime.onnxruntime_backend import choose_providers
 from evit_deploy.runtime.predictor import Predictor as PredictorClass
 
@@ -89,7 +89,7 @@ def test_predict_same_answer_for_path_pil_and_array(artifacts):
     by_path, by_pil, by_array = predictor.predict([str(SAMPLE_IMAGE), pil, np.asarray(pil)], topk=5)
     assert by_path == by_pil == by_array
     assert len(by_path.class_ids) == 5 and by_path.probs == sorted(by_path.probs, reverse=True)
-    assert by_path.labels == [class_names(1000)[c] for c in by_path.class_ids]
+    assert by_path.labels == [default_class_names(1000)[c] for c in by_path.class_ids]
     single = predictor.predict(SAMPLE_IMAGE, topk=3)
     assert len(single) == 1 and single[0].class_ids == by_path.class_ids[:3]
 
@@ -109,7 +109,7 @@ def test_imagenet_labels_shipped():
     classes = imagenet_classes()
     assert len(classes) == 1000 and len({w for w, _ in classes}) == 1000
     assert classes[0] == ("n01440764", "tench") and classes[207][1] == "golden retriever"
-    assert class_names(10) == tuple(f"class {i}" for i in range(10))
+    assert default_class_names(10) == tuple(f"class {i}" for i in range(10))
 
 
 def test_chunking_splits_large_inputs(artifacts, images):

@@ -2,9 +2,10 @@
 
 Layout: DATA_DIR/<class folder>/<images> as ImageNet val is usually unpacked. Classes come from,
 in this order: a labels file (image path or class folder -> class index or WordNet id); folder
-names that are ImageNet WordNet ids (their index in the ImageNet class list, so a subset of the
-1000 folders still gets the right labels); otherwise the sorted folder order, as torchvision's
-ImageFolder does, when the folder count equals the model's class count.
+names that are the model's own class names (from its metadata); folder names that are ImageNet
+WordNet ids (their index in the ImageNet class list, so a subset of the 1000 folders still gets
+the right labels); otherwise the sorted folder order, as torchvision's ImageFolder does, when the
+folder count equals the model's class count.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.preprocess import preprocess
+from evit_deploy.preprocess import image_files, preprocess
 from evit_deploy.runtime.labels import imagenet_classes
 from evit_deploy.runtime.predictor import Predictor
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 WNID = re.compile(r"n\d{8}")
 TOPK = 5
 
@@ -111,27 +111,23 @@ def read_labels_file(path: Path) -> dict[str, int]:
 
 
 def find_samples(
-    data_dir: str | Path, num_classes: int, labels_file: str | Path | None = None
+    data_dir: str | Path,
+    num_classes: int,
+    labels_file: str | Path | None = None,
+    class_names: Sequence[str] = (),
 ) -> list[Sample]:
-    """Every image under data_dir with its class index, in sorted path order."""
+    """Every image under data_dir with its class index, in sorted path order. class_names: the
+    model's own names, which folders may be named after."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise EvitDeployError(f"data folder not found: {data_dir}")
-    images = sorted(
-        p
-        for p in data_dir.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(data_dir).parts)
-    )
+    images = image_files(data_dir)
     if labels_file is not None:
         samples = _samples_from_labels(data_dir, images, read_labels_file(Path(labels_file)))
     else:
-        samples = _samples_from_folders(data_dir, images, num_classes)
+        samples = _samples_from_folders(data_dir, images, num_classes, class_names)
     if not samples:
-        raise EvitDeployError(
-            f"no images in {data_dir} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
+        raise EvitDeployError(f"no images in the class folders of {data_dir}")
     bad = [s for s in samples if not 0 <= s.target < num_classes]
     if bad:
         raise EvitDeployError(
@@ -160,7 +156,9 @@ def _samples_from_labels(
     return samples
 
 
-def _samples_from_folders(data_dir: Path, images: list[Path], num_classes: int) -> list[Sample]:
+def _samples_from_folders(
+    data_dir: Path, images: list[Path], num_classes: int, class_names: Sequence[str]
+) -> list[Sample]:
     in_folders = [p for p in images if len(p.relative_to(data_dir).parts) > 1]
     folders = sorted({p.relative_to(data_dir).parts[0] for p in in_folders})
     if images and not folders:
@@ -169,7 +167,9 @@ def _samples_from_folders(data_dir: Path, images: list[Path], num_classes: int) 
             "or pass --labels FILE"
         )
     wnids = imagenet_wnid_index()
-    if num_classes == len(wnids) and folders and all(f in wnids for f in folders):
+    if class_names and folders and all(f in class_names for f in folders):
+        index = {f: list(class_names).index(f) for f in folders}
+    elif num_classes == len(wnids) and folders and all(f in wnids for f in folders):
         index = {f: wnids[f] for f in folders}
     elif len(folders) == num_classes:
         index = {f: i for i, f in enumerate(folders)}

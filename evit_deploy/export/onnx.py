@@ -21,6 +21,7 @@ from evit_deploy.export.validate import ValidationReport, validate_onnx
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 from evit_deploy.model.vit import EViT
+from evit_deploy.preprocess import image_files
 
 MIN_OPSET = 17  # LayerNormalization is a single node from 17 on (TensorRT FP16 needs that)
 MAX_OPSET = 23  # the newest this torch exports (torch.onnx._constants.ONNX_MAX_OPSET)
@@ -163,31 +164,33 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     force: bool = False,
     with_token_indices: bool = False,
+    validate_dir: str | Path | None = None,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> ExportResult:
-    """Export, validate against `model` and only then write `output` atomically.
+    """Export, validate against `model` (also on the images under validate_dir, if given) and only
+    then write `output` atomically.
 
     A file that fails validation is never written, so a path that exists is always a checked
     export.
     """
     check_opset(opset)
     output = check_can_write(output, force)
+    if validate_dir is not None:
+        image_files(validate_dir)  # a missing or empty folder fails now, not after tracing
     model = model.eval()
     on_step("tracing")
     proto = trace_to_onnx(model, opset, with_token_indices)
     on_step("simplifying")
     proto = simplify(proto)
     ks = topk_constant_ks(proto)
-    metadata = ArtifactMetadata.from_config(
-        model.config, model.checkpoint, model.weights, with_token_indices
-    )
+    metadata = ArtifactMetadata.from_model(model, with_token_indices)
     if ks != metadata.topk_k:
         raise EvitDeployError(f"exported TopK K values {ks} differ from the plan {metadata.topk_k}")
     stamp_metadata(proto, metadata)
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     on_step("validating")
-    report = validate_onnx(model, data)
+    report = validate_onnx(model, data, validate_dir=validate_dir)
     if not report.passed:
         raise EvitDeployError(f"export failed validation, nothing written: {report.failure_summary()}")
     on_step("writing")

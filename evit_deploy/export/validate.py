@@ -9,7 +9,9 @@ compared as sets of original patches: the order among kept tokens does not chang
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,11 +22,12 @@ from evit_deploy.errors import EvitDeployError
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME
 from evit_deploy.model.config import EvitConfig
 from evit_deploy.model.vit import EViT, kept_patch_ids
-from evit_deploy.preprocess import SAMPLE_IMAGE, load_image, preprocess
+from evit_deploy.preprocess import SAMPLE_IMAGE, image_files, load_image, preprocess
 
 REL_TOLERANCE = 1e-4  # max |onnx - torch| <= REL_TOLERANCE * max |torch logits|
 NEAR_TIE_GAP = 1e-4  # relative gap between the K-th and (K+1)-th class attention at the boundary
 VALIDATION_BATCH = 3
+DIR_CHUNK = 50  # --validate-dir images per comparison run
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ class CaseResult:
     order_agreement: float  # ... with the indices identical, order included
     near_ties: int = 0
     unexplained: int = 0  # images whose kept tokens differ without a near-tie
+    compared: int = -1  # images in the logit comparison (all but excused near-ties); -1: batch
+
+    @property
+    def images_compared(self) -> int:
+        return self.batch if self.compared < 0 else self.compared
 
     @property
     def tolerance(self) -> float:
@@ -85,6 +93,26 @@ class ValidationReport:
         }
 
 
+def merge_cases(name: str, parts: list[CaseResult]) -> CaseResult:
+    """One row for an input set that was compared in chunks: maxima of the differences,
+    agreements weighted by the images each chunk compared."""
+    batch = sum(p.batch for p in parts)
+    compared = sum(p.images_compared for p in parts)
+    return CaseResult(
+        name=name,
+        batch=batch,
+        max_abs_diff=max(p.max_abs_diff for p in parts),
+        logit_scale=max(p.logit_scale for p in parts),
+        top1_agreement=sum(p.top1_agreement * p.images_compared for p in parts) / compared
+        if compared else 1.0,
+        kept_agreement=sum(p.kept_agreement * p.batch for p in parts) / batch,
+        order_agreement=sum(p.order_agreement * p.batch for p in parts) / batch,
+        near_ties=sum(p.near_ties for p in parts),
+        unexplained=sum(p.unexplained for p in parts),
+        compared=compared,
+    )
+
+
 def expose_topk_indices(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of the graph that also outputs each TopK's indices (graph order = block order)."""
     exposed = onnx.ModelProto()
@@ -102,17 +130,25 @@ def expose_topk_indices(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     return exposed, names
 
 
-def validation_inputs(img_size: int, batch: int = VALIDATION_BATCH) -> dict[str, np.ndarray]:
-    """Seeded random tensors, and a photograph with mirrored and close-up views, `batch` each."""
+def validation_inputs(
+    model: EViT, batch: int = VALIDATION_BATCH, validate_dir: str | Path | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, input batch) pairs: seeded random tensors and a photograph with mirrored and
+    close-up views, `batch` each; then every image under validate_dir in chunks (one name)."""
+    img_size = model.config.img_size
+    transform = model.preprocessing.to_dict()
     rng = np.random.default_rng(0)
     photo = load_image(SAMPLE_IMAGE)
     width, height = photo.size
     close_up = photo.crop((width // 5, height // 5, width - width // 5, height - height // 5))
     views = [photo, ImageOps.mirror(photo), close_up, ImageOps.mirror(close_up)]
-    return {
-        "random": rng.standard_normal((batch, 3, img_size, img_size), dtype=np.float32),
-        "natural image": preprocess(views[:batch], img_size),
-    }
+    yield "random", rng.standard_normal((batch, 3, img_size, img_size), dtype=np.float32)
+    yield "natural image", preprocess(views[:batch], img_size, **transform)
+    if validate_dir is not None:
+        files = image_files(validate_dir)
+        name = f"{Path(validate_dir).name}/ ({len(files)} images)"
+        for start in range(0, len(files), DIR_CHUNK):
+            yield name, preprocess(files[start : start + DIR_CHUNK], img_size, **transform)
 
 
 def reference_outputs(model: EViT, images: np.ndarray) -> ReferenceOutputs:
@@ -141,7 +177,13 @@ class ReferenceOutputs:
     scores: list[np.ndarray]
 
 
-def validate_onnx(model: EViT, onnx_model: bytes, batch: int = VALIDATION_BATCH) -> ValidationReport:
+def validate_onnx(
+    model: EViT,
+    onnx_model: bytes,
+    batch: int = VALIDATION_BATCH,
+    validate_dir: str | Path | None = None,
+) -> ValidationReport:
+    """Run the export and the model on the validation inputs (validation_inputs) and compare."""
     import onnxruntime as ort
 
     exposed, index_names = expose_topk_indices(onnx.load_from_string(onnx_model))
@@ -150,12 +192,16 @@ def validate_onnx(model: EViT, onnx_model: bytes, batch: int = VALIDATION_BATCH)
     session = ort.InferenceSession(
         exposed.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    cases = []
-    for name, images in validation_inputs(model.config.img_size, batch).items():
+    parts: dict[str, list[CaseResult]] = {}
+    for name, images in validation_inputs(model, batch, validate_dir):
         ref = reference_outputs(model, images)
         got_logits, *got_indices = session.run([OUTPUT_NAME, *index_names], {INPUT_NAME: images})
-        cases.append(compare(name, ref, got_logits, got_indices, model.config))
-    return ValidationReport(cases)
+        parts.setdefault(name, []).append(
+            compare(name, ref, got_logits, got_indices, model.config)
+        )
+    return ValidationReport(
+        [chunks[0] if len(chunks) == 1 else merge_cases(name, chunks) for name, chunks in parts.items()]
+    )
 
 
 def is_near_tie(scores: np.ndarray, keep: int) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import math
 import pickle
 import warnings
@@ -18,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from evit_deploy.errors import EvitDeployError
-from evit_deploy.model.config import ARCHS, EvitConfig
+from evit_deploy.model.config import ARCHS, EvitConfig, Preprocessing
 from evit_deploy.model.vit import EViT, init_random_weights
 
 CONTAINER_KEYS = ("model", "state_dict", "model_ema", "module")
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+LABELS_FILE = "labels.txt"  # class names beside a checkpoint, read automatically
 SAFE_GLOBALS = [argparse.Namespace]  # plain data, allowed past weights_only loading
 
 
@@ -135,11 +137,14 @@ def build_model(
     checkpoint: str | Path | None = None,
     seed: int = 0,
     state: dict[str, torch.Tensor] | None = None,
+    labels: str | Path | None = None,
 ) -> EViT:
     """An eval-mode EViT with checkpoint weights, or seeded random weights (with a warning).
 
     `state` is the checkpoint's state dict when the caller has read it already. The head's class
-    count comes from the checkpoint, so fine-tuned heads load as they are.
+    count comes from the checkpoint, so fine-tuned heads load as they are. Class names come from
+    `labels` (one name per line, in class-id order), else from a labels.txt beside the checkpoint;
+    preprocessing from the checkpoint's own settings (checkpoint_settings).
     """
     if checkpoint is None:
         warnings.warn(
@@ -147,7 +152,9 @@ def build_model(
             "speed and export are representative.",
             stacklevel=2,
         )
-        return init_random_weights(EViT(config), seed).eval()
+        model = init_random_weights(EViT(config), seed).eval()
+        model.classes = read_class_names(labels, config.num_classes) if labels else []
+        return model
     if state is None:
         state = read_state_dict(checkpoint)
     head = state.get("head.weight")
@@ -157,7 +164,51 @@ def build_model(
     load_into(model, state, checkpoint)
     model.checkpoint = str(Path(checkpoint).resolve())
     model.weights = f"sha256:{file_sha256(checkpoint)}"
+    settings = checkpoint_settings(checkpoint)
+    model.preprocessing = settings.get("preprocessing", model.preprocessing)
+    beside = Path(checkpoint).with_name(LABELS_FILE)
+    if labels is None and beside.is_file():
+        labels = beside
+    model.classes = read_class_names(labels, config.num_classes) if labels else []
     return model.eval()
+
+
+def checkpoint_settings(path: str | Path) -> dict:
+    """What a safetensors checkpoint says about its model in its header metadata (the shipped
+    model writes them; other files have none): {"preprocessing": Preprocessing} where given.
+    Keys: mean, std (JSON lists), crop_pct (number), interpolation (name)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        header = handle.metadata() or {}
+    fields = {k: header[k] for k in ("mean", "std", "crop_pct", "interpolation") if k in header}
+    if not fields:
+        return {}
+    try:
+        values = {k: v if k == "interpolation" else json.loads(v) for k, v in fields.items()}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return {"preprocessing": Preprocessing(**values)}
+    except (ValueError, TypeError, EvitDeployError) as exc:
+        raise CheckpointError(f"{path} has invalid preprocessing settings in its metadata: {exc}") from None
+
+
+def read_class_names(path: str | Path, num_classes: int) -> list[str]:
+    """Class names, one per line in class-id order (blank lines at the end ignored); their count
+    must be the model's class count."""
+    try:
+        names = Path(path).read_text(encoding="utf-8").rstrip("\n").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvitDeployError(f"cannot read class names from {path}: {exc}") from None
+    names = [name.strip() for name in names]
+    if len(names) != num_classes or not all(names):
+        raise EvitDeployError(
+            f"{path} gives {len(names)} class names ({sum(not n for n in names)} empty) for a "
+            f"model with {num_classes} classes: one name per line, in class-id order"
+        )
+    return names
 
 
 def file_sha256(path: str | Path) -> str:

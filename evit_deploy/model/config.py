@@ -19,6 +19,31 @@ INTERPOLATION = "bicubic"
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """How images become the model's input: DeiT's evaluation transform by default. A checkpoint
+    trained on something else carries its own (safetensors metadata, see checkpoint.py)."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float = CROP_PCT
+    interpolation: str = INTERPOLATION
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise UsageError(f"mean and std need 3 values (std > 0), got {self.mean}, {self.std}")
+        if not 0 < self.crop_pct <= 1:
+            raise UsageError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise UsageError(f"unknown interpolation '{self.interpolation}'")
+
+    def to_dict(self) -> dict:
+        return {
+            "mean": list(self.mean), "std": list(self.std), "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+        }
+
+
+@dataclass(frozen=True)
 class ViTArch:
     name: str
     embed_dim: int

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evit_deploy.model.config import EvitConfig
+from evit_deploy.model.config import EvitConfig, Preprocessing
 
 LAYER_NORM_EPS = 1e-6
 
@@ -116,6 +116,10 @@ class EViT(nn.Module):
         # can be rebuilt from the same weights: "random:SEED" or "sha256:DIGEST" of a checkpoint.
         self.weights = "uninitialised"
         self.checkpoint = ""
+        # Class names and input transform, when the checkpoint comes with them (else unnamed
+        # classes, DeiT's transform): exported artifacts carry them to every runtime.
+        self.classes: list[str] = []
+        self.preprocessing = Preprocessing()
         arch = config.arch
         dim = arch.embed_dim
         self.patch_embed = PatchEmbed(arch.patch_size, dim)

@@ -14,6 +14,7 @@ from pathlib import Path
 from evit_deploy import __version__
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model.checkpoint import build_model, file_sha256
+from evit_deploy.model.config import Preprocessing
 
 PLAIN_KEEP_RATE = 1.0
 
@@ -46,7 +47,8 @@ def cached_onnx(metadata: ArtifactMetadata, keep_rate: float, opset: int = 17) -
     weights = metadata.weights if checkpoint else _random_weights(metadata)
     evit = [config.keep_rate, list(config.drop_loc), config.fuse_token] if config.is_evit else []
     key = json.dumps(
-        [config.model, config.img_size, config.num_classes, *evit, weights, opset, __version__]
+        [config.model, config.img_size, config.num_classes, *evit, weights, opset, __version__,
+         metadata.classes, metadata.mean, metadata.std, metadata.crop_pct, metadata.interpolation]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     folder, variant = ("baselines", "plain")
@@ -59,6 +61,11 @@ def cached_onnx(metadata: ArtifactMetadata, keep_rate: float, opset: int = 17) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights are intended here: speed only
         model = build_model(config, checkpoint, seed=seed)
+    # The same names and input transform as the source, however they were given to it.
+    model.classes = list(metadata.classes)
+    model.preprocessing = Preprocessing(
+        tuple(metadata.mean), tuple(metadata.std), metadata.crop_pct, metadata.interpolation
+    )
     export_onnx(model, path, opset=opset, force=True)
     return path
 

@@ -16,9 +16,16 @@ def imagenet_classes() -> tuple[tuple[str, str], ...]:
     return tuple(tuple(row.split("\t", 1)) for row in rows if row)
 
 
+def class_names(metadata) -> tuple[str, ...]:
+    """The artifact's own class names; ImageNet's for a 1000-class head that names none;
+    'class N' otherwise."""
+    if metadata.classes:
+        return tuple(metadata.classes)
+    return default_class_names(metadata.num_classes)
+
+
 @cache
-def class_names(num_classes: int) -> tuple[str, ...]:
-    """ImageNet names for a 1000-class head; 'class N' for any other head."""
+def default_class_names(num_classes: int) -> tuple[str, ...]:
     if num_classes == 1000:
         return tuple(name for _, name in imagenet_classes())
     return tuple(f"class {i}" for i in range(num_classes))

@@ -90,7 +90,7 @@ class Predictor:
         shifted = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
-        names = class_names(self.metadata.num_classes)
+        names = class_names(self.metadata)
         return [
             Prediction(
                 class_ids=[int(c) for c in row],

@@ -59,7 +59,7 @@ class TorchBackend(Backend):
         config = EvitConfig(model, keep_rate, tuple(drop_loc), fuse_token, img_size)
         net = build_model(config, path, state=state)
         self.model = net.to(self.device, self.dtype)
-        self.metadata = ArtifactMetadata.from_config(net.config, net.checkpoint, net.weights)
+        self.metadata = ArtifactMetadata.from_model(net)
         self.precision = "fp16" if self.dtype == torch.float16 else "fp32"
         self.provider = str(self.device) + (" (torch.compile)" if compile else " (eager)")
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else cpu_name()

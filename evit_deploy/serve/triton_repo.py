@@ -258,7 +258,7 @@ def write_triton_repo(
     try:
         (tmp / "1").mkdir(parents=True)
         (tmp / "config.pbtxt").write_text(spec.to_pbtxt(), encoding="utf-8")
-        (tmp / LABELS_FILE).write_text("\n".join(class_names(meta.num_classes)) + "\n", encoding="utf-8")
+        (tmp / LABELS_FILE).write_text("\n".join(class_names(meta)) + "\n", encoding="utf-8")
         (tmp / METADATA_FILE).write_text(
             json.dumps({**meta.to_props(), "source": artifact.name}, indent=2) + "\n", encoding="utf-8"
         )
