@@ -120,7 +120,7 @@ def export(
     drop_loc: str = typer.Option("3,6,9", help="Blocks (from 0) that drop tokens."),
     fuse_token: bool = typer.Option(True, help="Fuse the dropped tokens into one extra token."),
     img_size: int = typer.Option(224, help="Input resolution; pos_embed is resampled to it."),
-    opset: int = typer.Option(17, help="ONNX opset (>= 17: single-node LayerNorm)."),
+    opset: int = typer.Option(18, help="ONNX opset (18 to 23; LayerNorm is a single node)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .onnx path."),
     force: bool = typer.Option(False, help="Replace an existing output file."),
     with_token_indices: bool = typer.Option(

@@ -40,7 +40,7 @@ from evit_deploy.engines.settings import BatchProfile, BuildSettings
 from evit_deploy.engines.support import has_fast_fp16
 from evit_deploy.engines.tensorrt import CudaGpu, default_engine_path, torch_dtype_name
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.onnx import stamp_metadata, topk_constant_ks, trace_to_onnx
+from evit_deploy.export.onnx import export_graph, stamp_metadata, topk_constant_ks
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model import EvitConfig, build_model
 
@@ -73,7 +73,7 @@ def traced_onnx(tmp_path_factory) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(CONFIG)
-    proto = trace_to_onnx(model, 17, with_token_indices=False)
+    proto = export_graph(model, 18, with_token_indices=False)
     assert topk_constant_ks(proto) == METADATA.topk_k
     stamp_metadata(proto, METADATA)
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"

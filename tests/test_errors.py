@@ -67,7 +67,7 @@ CASES = [
     Case("img-size-too-large", "input size too large for attention memory", ("export", "--img-size", "4096", "-o", "out.onnx"), 2,
          "error: img_size must be at most 1024 (attention memory grows with the 4th power of the input size), got 4096"),
     Case("opset-unsupported", "ONNX opset this PyTorch cannot export", ("export", "--opset", "99", "-o", "out.onnx"), 2,
-         "error: opset must be >= 17 (single-node LayerNorm) and <= 23 (the newest this PyTorch exports), got 99"),
+         "error: opset must be >= 18 (the oldest the torch.export-based exporter writes) and <= 23 (the newest), got 99"),
     Case("model-typo", "misspelt model name", ("export", "--model", "deit_tinny", "-o", "out.onnx"), 2,
          "error: unknown model 'deit_tinny'. Did you mean 'deit_tiny_patch16_224'? Known models: …"),
     Case("batch-zero", "batch size 0", ("bench", "tiny.onnx", "--batch", "0"), 2,

@@ -1,11 +1,13 @@
 """PyTorch EViT -> ONNX with a dynamic batch axis, constant-K TopK and evit-deploy metadata.
 
-One function per step, as in Ultralytics' exporter: trace, simplify, check, stamp, validate, write.
+One function per step, as in Ultralytics' exporter: export, simplify, check, stamp, validate, write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +25,13 @@ from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 from evit_deploy.model.vit import EViT
 from evit_deploy.preprocess import image_files
 
-MIN_OPSET = 17  # LayerNormalization is a single node from 17 on (TensorRT FP16 needs that)
+# The torch.export-based exporter writes opset 18 and up (its down-conversion to 17 fails on
+# EViT's graph); LayerNormalization is one node from 17 on, which TensorRT FP16 needs.
+MIN_OPSET = 18
 MAX_OPSET = 23  # the newest this torch exports (torch.onnx._constants.ONNX_MAX_OPSET)
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = 18
 TRACE_BATCH = 2  # validation runs another batch size, proving the batch axis is really dynamic
+MAX_BATCH = 1 << 20  # the batch axis' upper bound for torch.export (ONNX keeps it symbolic)
 
 
 class _WithTokenIndices(torch.nn.Module):
@@ -50,27 +55,37 @@ class ExportResult:
     opset: int
 
 
-def trace_to_onnx(model: EViT, opset: int, with_token_indices: bool) -> onnx.ModelProto:
-    """TorchScript-trace export: K of every TopK is a Python int, so it lands as a constant."""
+def export_graph(model: EViT, opset: int, with_token_indices: bool) -> onnx.ModelProto:
+    """torch.export-based ONNX export (the TorchScript exporter is deprecated). K of every TopK
+    is a Python int, so it lands as a constant; only the batch axis is dynamic."""
     meta = ArtifactMetadata.from_config(model.config, with_token_indices=with_token_indices)
     module = _WithTokenIndices(model) if with_token_indices else model
     output_names = [OUTPUT_NAME, *meta.token_index_outputs]
     dummy = torch.zeros(TRACE_BATCH, 3, model.config.img_size, model.config.img_size)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected here
-        torch.onnx.export(
-            module.eval(),
-            (dummy,),
-            buffer,
-            dynamo=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *output_names]},
-            do_constant_folding=True,
-        )
-    return onnx.load_from_string(buffer.getvalue())
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..." notes
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module.eval(),
+                (dummy,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=output_names,
+                dynamic_shapes={"images": {0: batch}},
+                verbose=False,
+            )
+    finally:
+        exporter_log.setLevel(level)
+    proto = program.model_proto
+    version = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if version != opset:
+        raise EvitDeployError(f"the exporter wrote opset {version}, not the {opset} asked for")
+    return proto
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -152,8 +167,8 @@ def check_opset(opset: int) -> None:
     """Refuse an opset the exporter or TensorRT cannot use, before any model is built."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(
-            f"opset must be >= {MIN_OPSET} (single-node LayerNorm) and <= {MAX_OPSET} (the "
-            f"newest this PyTorch exports), got {opset}"
+            f"opset must be >= {MIN_OPSET} (the oldest the torch.export-based exporter writes) "
+            f"and <= {MAX_OPSET} (the newest), got {opset}"
         )
 
 
@@ -178,8 +193,8 @@ def export_onnx(
     if validate_dir is not None:
         image_files(validate_dir)  # a missing or empty folder fails now, not after tracing
     model = model.eval()
-    on_step("tracing")
-    proto = trace_to_onnx(model, opset, with_token_indices)
+    on_step("exporting")
+    proto = export_graph(model, opset, with_token_indices)
     on_step("simplifying")
     proto = simplify(proto)
     ks = topk_constant_ks(proto)

@@ -1,40 +1,80 @@
-"""Prove an exported graph is the same function as the PyTorch model (Polygraphy-style).
+"""Prove an artifact is the same function as the FP32 model (Polygraphy-style).
 
-ONNX Runtime and PyTorch run the same inputs at a batch size other than the traced one: seeded
-random tensors and a natural photograph. Compared: logits (max abs diff relative to the logits'
-scale), top-1 class, and the tokens every drop block keeps, read from the TopK indices that the
-check exposes as extra graph outputs (the shipped graph keeps its single output). Kept tokens are
-compared as sets of original patches: the order among kept tokens does not change the function.
+A candidate (the exported graph on ONNX Runtime, a reduced-precision graph, another runtime) and
+the FP32 reference run the same inputs at a batch size other than the traced one: seeded random
+tensors, a natural photograph, and optionally a folder of held-out images. Compared: logits (max
+abs diff relative to the logits' scale), top-1 class, and the tokens every drop block keeps, read
+from the TopK indices (exposed as extra outputs for the check; the shipped graph keeps its single
+output). Kept tokens are compared as sets of original patches: their order does not change the
+function.
+
+FP32 must match within REL_TOLERANCE, top-1 included, with the same kept tokens everywhere (a
+difference is excused only at a genuine near-tie of the reference). A reduced precision cannot
+match bit for bit, so it has gates instead (GATES), measured on the held-out folder's row: top-1
+agreement, the share of images whose first drop block keeps the same patches, and where the
+images' classes are known, the accuracy drop. Other rows are reported for it, not gated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from PIL import ImageOps
 
-from evit_deploy.errors import EvitDeployError
-from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME
+from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 from evit_deploy.model.config import EvitConfig
-from evit_deploy.model.vit import EViT, kept_patch_ids
+from evit_deploy.model.vit import kept_patch_ids
 from evit_deploy.preprocess import SAMPLE_IMAGE, image_files, load_image, preprocess
 
-REL_TOLERANCE = 1e-4  # max |onnx - torch| <= REL_TOLERANCE * max |torch logits|
+REL_TOLERANCE = 1e-4  # FP32: max |candidate - reference| <= REL_TOLERANCE * max |reference|
 NEAR_TIE_GAP = 1e-4  # relative gap between the K-th and (K+1)-th class attention at the boundary
 VALIDATION_BATCH = 3
 DIR_CHUNK = 50  # --validate-dir images per comparison run
 
 
 @dataclass(frozen=True)
+class Gates:
+    """What a reduced precision must show against FP32 on held-out images."""
+
+    precision: str
+    min_top1_agreement: float
+    min_kept_identical: float  # share of images whose first drop block keeps the same patches
+    max_accuracy_drop: float | None = None  # top-1 points (0.3: 0.3 points); needs known classes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+GATES = {
+    "fp16": Gates("fp16", 0.995, 0.99),
+    "bf16": Gates("bf16", 0.995, 0.98, 0.3),
+    "int8": Gates("int8", 0.995, 0.98, 0.3),
+}
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What one run of a model gives the comparison."""
+
+    logits: np.ndarray
+    indices: list[np.ndarray]  # each drop block's TopK indices [B, K]
+    scores: list[np.ndarray] | None = None  # each drop block's class attention [B, N] (PyTorch)
+
+
+Runner = Callable[[np.ndarray], Outputs]
+
+
+@dataclass(frozen=True)
 class CaseResult:
-    """One input set compared. A kept-token difference is excused only where the reference itself
-    was a near-tie at the keep boundary (fp32 noise can flip it); such images are counted in
-    `near_ties` and left out of the logit comparison, since different tokens give other logits."""
+    """One input set compared. FP32: a kept-token difference is excused only where the reference
+    itself was a near-tie at the keep boundary (fp32 noise can flip it); such images are counted
+    in `near_ties` and left out of the logit comparison, since different tokens give other
+    logits. Reduced precision (`gates`): judged by the gates where `gated`, else reported."""
 
     name: str
     batch: int
@@ -46,6 +86,11 @@ class CaseResult:
     near_ties: int = 0
     unexplained: int = 0  # images whose kept tokens differ without a near-tie
     compared: int = -1  # images in the logit comparison (all but excused near-ties); -1: batch
+    kept_identical: tuple[float, ...] = ()  # per drop block: images keeping the same patches
+    accuracy: float | None = None  # the candidate's top-1 where the images' classes are known
+    reference_accuracy: float | None = None
+    gates: Gates | None = None  # None: FP32
+    gated: bool = True
 
     @property
     def images_compared(self) -> int:
@@ -56,39 +101,82 @@ class CaseResult:
         return REL_TOLERANCE * self.logit_scale
 
     @property
+    def accuracy_drop(self) -> float | None:
+        """Top-1 points lost against the reference (positive: worse)."""
+        if self.accuracy is None or self.reference_accuracy is None:
+            return None
+        return 100 * (self.reference_accuracy - self.accuracy)
+
+    def missed_gates(self) -> list[str]:
+        """What this row misses, in words; empty when it passes."""
+        if self.gates is None:
+            missed = []
+            if self.max_abs_diff > self.tolerance:
+                missed.append(f"max abs diff {self.max_abs_diff:.3g} > tolerance {self.tolerance:.3g}")
+            if self.top1_agreement < 1.0:
+                missed.append(f"top-1 agreement {self.top1_agreement:.1%}")
+            if self.unexplained:
+                missed.append(f"{self.unexplained} image(s) keep other tokens without a near-tie")
+            if self.near_ties >= self.batch:
+                missed.append("every image is a near-tie: nothing left to compare")
+            return missed
+        if not self.gated:
+            return []
+        g = self.gates
+        missed = []
+        if self.top1_agreement < g.min_top1_agreement:
+            missed.append(f"top-1 agreement {self.top1_agreement:.2%} < {g.min_top1_agreement:.1%}")
+        if self.kept_identical and self.kept_identical[0] < g.min_kept_identical:
+            missed.append(
+                f"first drop block keeps the same tokens for {self.kept_identical[0]:.2%} of "
+                f"images < {g.min_kept_identical:.0%}"
+            )
+        if g.max_accuracy_drop is not None:
+            drop = self.accuracy_drop
+            if drop is None:
+                missed.append(
+                    "accuracy drop not measured (the folder's images have no known classes: use "
+                    "class folders named as the model's classes)"
+                )
+            elif drop > g.max_accuracy_drop:
+                missed.append(f"accuracy drop {drop:.2f} points > {g.max_accuracy_drop:g}")
+        return missed
+
+    @property
     def passed(self) -> bool:
-        return (
-            self.unexplained == 0
-            and self.near_ties < self.batch
-            and self.max_abs_diff <= self.tolerance
-            and self.top1_agreement == 1.0
-        )
+        return not self.missed_gates()
 
 
 @dataclass(frozen=True)
 class ValidationReport:
     cases: list[CaseResult]
+    precision: str = "fp32"
+    gates: Gates | None = None
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.cases)
 
     def failure_summary(self) -> str:
-        return "; ".join(
-            f"{c.name}: max abs diff {c.max_abs_diff:.3g} (tolerance {c.tolerance:.3g}), "
-            f"top-1 agreement {c.top1_agreement:.0%}, kept-token agreement {c.kept_agreement:.0%}"
-            f" ({c.unexplained} image(s) differ without a near-tie)"
-            for c in self.cases
-            if not c.passed
-        )
+        return "; ".join(f"{c.name}: {', '.join(c.missed_gates())}" for c in self.cases if not c.passed)
 
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,
+            "precision": self.precision,
+            "gates": self.gates.to_dict() if self.gates else None,
             "rel_tolerance": REL_TOLERANCE,
             "near_tie_gap": NEAR_TIE_GAP,
             "cases": [
-                {**c.__dict__, "tolerance": c.tolerance, "passed": c.passed} for c in self.cases
+                {
+                    **{k: v for k, v in c.__dict__.items() if k != "gates"},
+                    "kept_identical": list(c.kept_identical),
+                    "tolerance": c.tolerance,
+                    "accuracy_drop": c.accuracy_drop,
+                    "passed": c.passed,
+                    "missed": c.missed_gates(),
+                }
+                for c in self.cases
             ],
         }
 
@@ -98,6 +186,13 @@ def merge_cases(name: str, parts: list[CaseResult]) -> CaseResult:
     agreements weighted by the images each chunk compared."""
     batch = sum(p.batch for p in parts)
     compared = sum(p.images_compared for p in parts)
+
+    def mean(values: list[float | None], weights: list[int]) -> float | None:
+        if any(v is None for v in values):
+            return None
+        return sum(v * w for v, w in zip(values, weights)) / sum(weights)
+
+    sizes = [p.batch for p in parts]
     return CaseResult(
         name=name,
         batch=batch,
@@ -105,11 +200,19 @@ def merge_cases(name: str, parts: list[CaseResult]) -> CaseResult:
         logit_scale=max(p.logit_scale for p in parts),
         top1_agreement=sum(p.top1_agreement * p.images_compared for p in parts) / compared
         if compared else 1.0,
-        kept_agreement=sum(p.kept_agreement * p.batch for p in parts) / batch,
-        order_agreement=sum(p.order_agreement * p.batch for p in parts) / batch,
+        kept_agreement=mean([p.kept_agreement for p in parts], sizes),
+        order_agreement=mean([p.order_agreement for p in parts], sizes),
         near_ties=sum(p.near_ties for p in parts),
         unexplained=sum(p.unexplained for p in parts),
         compared=compared,
+        kept_identical=tuple(
+            mean([p.kept_identical[j] for p in parts], sizes)
+            for j in range(len(parts[0].kept_identical))
+        ),
+        accuracy=mean([p.accuracy for p in parts], sizes),
+        reference_accuracy=mean([p.reference_accuracy for p in parts], sizes),
+        gates=parts[0].gates,
+        gated=parts[0].gated,
     )
 
 
@@ -130,78 +233,133 @@ def expose_topk_indices(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     return exposed, names
 
 
+@dataclass(frozen=True)
+class InputSet:
+    name: str
+    images: np.ndarray
+    labels: np.ndarray | None = None  # class ids, where known
+    held_out: bool = False  # the --validate-dir row: where reduced precisions are gated
+
+
 def validation_inputs(
-    model: EViT, batch: int = VALIDATION_BATCH, validate_dir: str | Path | None = None
-) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, input batch) pairs: seeded random tensors and a photograph with mirrored and
-    close-up views, `batch` each; then every image under validate_dir in chunks (one name)."""
-    img_size = model.config.img_size
-    transform = model.preprocessing.to_dict()
+    meta: ArtifactMetadata,
+    batch: int = VALIDATION_BATCH,
+    validate_dir: str | Path | None = None,
+) -> Iterator[InputSet]:
+    """Seeded random tensors and a photograph with mirrored and close-up views, `batch` each;
+    then every image under validate_dir in chunks (one name), with their classes where the
+    folders name the model's classes (or are ImageNet WordNet ids, or one per class)."""
+    img_size = meta.img_size
+    transform = {k: getattr(meta, k) for k in ("mean", "std", "crop_pct", "interpolation")}
     rng = np.random.default_rng(0)
     photo = load_image(SAMPLE_IMAGE)
     width, height = photo.size
     close_up = photo.crop((width // 5, height // 5, width - width // 5, height - height // 5))
     views = [photo, ImageOps.mirror(photo), close_up, ImageOps.mirror(close_up)]
-    yield "random", rng.standard_normal((batch, 3, img_size, img_size), dtype=np.float32)
-    yield "natural image", preprocess(views[:batch], img_size, **transform)
-    if validate_dir is not None:
-        files = image_files(validate_dir)
-        name = f"{Path(validate_dir).name}/ ({len(files)} images)"
-        for start in range(0, len(files), DIR_CHUNK):
-            yield name, preprocess(files[start : start + DIR_CHUNK], img_size, **transform)
+    yield InputSet("random", rng.standard_normal((batch, 3, img_size, img_size), dtype=np.float32))
+    yield InputSet("natural image", preprocess(views[:batch], img_size, **transform))
+    if validate_dir is None:
+        return
+    files, labels = labelled_images(validate_dir, meta)
+    name = f"{Path(validate_dir).name}/ ({len(files)} images)"
+    for start in range(0, len(files), DIR_CHUNK):
+        chunk = slice(start, start + DIR_CHUNK)
+        yield InputSet(
+            name,
+            preprocess(files[chunk], img_size, **transform),
+            labels[chunk] if labels is not None else None,
+            held_out=True,
+        )
 
 
-def reference_outputs(model: EViT, images: np.ndarray) -> ReferenceOutputs:
-    """PyTorch logits, TopK indices, and each drop block's class-attention scores (via hooks)."""
-    scores: list[torch.Tensor] = []
-    hooks = [
-        block.attn.register_forward_hook(lambda _m, _i, out: scores.append(out[1]))
-        for block in model.blocks
-        if block.keep is not None
-    ]
+def labelled_images(folder: str | Path, meta: ArtifactMetadata) -> tuple[list[Path], np.ndarray | None]:
+    """Every image under `folder`, with class ids where eval would find them (else None)."""
+    from evit_deploy.analysis.evaluate import find_samples
+
     try:
-        with torch.no_grad():
-            logits, indices = model(torch.from_numpy(images), return_token_indices=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return ReferenceOutputs(
-        logits.numpy(), [i.numpy() for i in indices], [s.numpy() for s in scores]
-    )
+        samples = find_samples(folder, meta.num_classes, None, meta.classes)
+    except EvitDeployError:
+        return image_files(folder), None
+    return [s.path for s in samples], np.array([s.target for s in samples])
 
 
-@dataclass(frozen=True)
-class ReferenceOutputs:
-    logits: np.ndarray
-    indices: list[np.ndarray]
-    scores: list[np.ndarray]
+def torch_runner(model) -> Runner:
+    """The PyTorch model in FP32 on the CPU, with each drop block's class-attention scores."""
+    import torch
+
+    def run(images: np.ndarray) -> Outputs:
+        scores: list[torch.Tensor] = []
+        hooks = [
+            block.attn.register_forward_hook(lambda _m, _i, out: scores.append(out[1]))
+            for block in model.blocks
+            if block.keep is not None
+        ]
+        try:
+            with torch.no_grad():
+                logits, indices = model(torch.from_numpy(images), return_token_indices=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return Outputs(logits.numpy(), [i.numpy() for i in indices], [s.numpy() for s in scores])
+
+    return run
+
+
+def onnx_runner(model: onnx.ModelProto | bytes, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Runner:
+    """An ONNX graph on ONNX Runtime, its TopK indices exposed as extra outputs."""
+    import onnxruntime as ort
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
+    exposed, index_names = expose_topk_indices(proto)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(exposed.SerializeToString(), options, providers=list(providers))
+
+    def run(images: np.ndarray) -> Outputs:
+        logits, *indices = session.run([OUTPUT_NAME, *index_names], {INPUT_NAME: images})
+        return Outputs(np.asarray(logits, dtype=np.float32), indices)
+
+    return run
+
+
+def validate(
+    reference: Runner,
+    candidate: Runner,
+    meta: ArtifactMetadata,
+    batch: int = VALIDATION_BATCH,
+    validate_dir: str | Path | None = None,
+    gates: Gates | None = None,
+    on_chunk: Callable[[int], None] = lambda images: None,
+) -> ValidationReport:
+    """Compare `candidate` with the FP32 `reference` on the validation inputs (FP32 rules when
+    gates is None, else the gates on the held-out row, which is then required)."""
+    if gates is not None and validate_dir is None:
+        raise UsageError(
+            f"{gates.precision} is judged on held-out images: pass --validate-dir DIR (a folder "
+            "of images the model was not trained on, in class folders to measure accuracy)"
+        )
+    config = meta.to_config()
+    parts: dict[str, list[CaseResult]] = {}
+    for inputs in validation_inputs(meta, batch, validate_dir):
+        ref, got = reference(inputs.images), candidate(inputs.images)
+        parts.setdefault(inputs.name, []).append(
+            compare(inputs.name, ref, got.logits, got.indices, config, inputs.labels, gates, inputs.held_out)
+        )
+        on_chunk(len(inputs.images))
+    cases = [chunks[0] if len(chunks) == 1 else merge_cases(name, chunks) for name, chunks in parts.items()]
+    return ValidationReport(cases, gates.precision if gates else "fp32", gates)
 
 
 def validate_onnx(
-    model: EViT,
+    model,
     onnx_model: bytes,
     batch: int = VALIDATION_BATCH,
     validate_dir: str | Path | None = None,
+    gates: Gates | None = None,
 ) -> ValidationReport:
-    """Run the export and the model on the validation inputs (validation_inputs) and compare."""
-    import onnxruntime as ort
-
-    exposed, index_names = expose_topk_indices(onnx.load_from_string(onnx_model))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        exposed.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    parts: dict[str, list[CaseResult]] = {}
-    for name, images in validation_inputs(model, batch, validate_dir):
-        ref = reference_outputs(model, images)
-        got_logits, *got_indices = session.run([OUTPUT_NAME, *index_names], {INPUT_NAME: images})
-        parts.setdefault(name, []).append(
-            compare(name, ref, got_logits, got_indices, model.config)
-        )
-    return ValidationReport(
-        [chunks[0] if len(chunks) == 1 else merge_cases(name, chunks) for name, chunks in parts.items()]
-    )
+    """An exported graph on ONNX Runtime's CPU provider against the PyTorch model it came from."""
+    meta = ArtifactMetadata.from_model(model)
+    return validate(torch_runner(model), onnx_runner(onnx_model), meta, batch, validate_dir, gates)
 
 
 def is_near_tie(scores: np.ndarray, keep: int) -> bool:
@@ -212,12 +370,15 @@ def is_near_tie(scores: np.ndarray, keep: int) -> bool:
 
 def compare(
     name: str,
-    ref: ReferenceOutputs,
+    ref: Outputs,
     got_logits: np.ndarray,
     got_indices: list[np.ndarray],
     config: EvitConfig,
+    labels: np.ndarray | None = None,
+    gates: Gates | None = None,
+    gated: bool = True,
 ) -> CaseResult:
-    """Compare one backend's outputs with the PyTorch reference."""
+    """Compare one candidate's outputs with the reference's."""
     batch = ref.logits.shape[0]
     if len(got_indices) != len(ref.indices):
         raise EvitDeployError(
@@ -233,11 +394,15 @@ def compare(
             same_order[i, j] = np.array_equal(ref.indices[j][i], got_indices[j][i])
             same_set[i, j] = np.array_equal(np.sort(r[i]), np.sort(g[i]))
             # Only the first differing block can be judged: later ones see other tokens.
-            if not same_set[i, j] and same_set[i, :j].all():
+            if gates is None and ref.scores is not None and not same_set[i, j] and same_set[i, :j].all():
                 near_tie[i] = is_near_tie(ref.scores[j][i], r.shape[1])
     differs = ~same_set.all(axis=1)
     compared = ~differs | ~near_tie
     diff = np.abs(ref.logits[compared] - got_logits[compared])
+    accuracy = reference_accuracy = None
+    if labels is not None:
+        accuracy = float(np.mean(got_logits.argmax(1) == labels))
+        reference_accuracy = float(np.mean(ref.logits.argmax(1) == labels))
     return CaseResult(
         name=name,
         batch=batch,
@@ -249,5 +414,11 @@ def compare(
         kept_agreement=float(same_set.mean()) if same_set.size else 1.0,
         order_agreement=float(same_order.mean()) if same_order.size else 1.0,
         near_ties=int((differs & near_tie).sum()),
-        unexplained=int((differs & ~near_tie).sum()),
+        unexplained=int((differs & ~near_tie).sum()) if gates is None else 0,
+        compared=int(compared.sum()),
+        kept_identical=tuple(float(v) for v in same_set.mean(axis=0)),
+        accuracy=accuracy,
+        reference_accuracy=reference_accuracy,
+        gates=gates,
+        gated=gated,
     )

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from evit_deploy import __version__
+from evit_deploy.export.onnx import DEFAULT_OPSET, export_onnx
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model.checkpoint import build_model, file_sha256
 from evit_deploy.model.config import Preprocessing
@@ -28,20 +29,18 @@ def cache_dir() -> Path:
     return Path(xdg) / "evit-deploy"
 
 
-def baseline_onnx(metadata: ArtifactMetadata, opset: int = 17) -> Path:
+def baseline_onnx(metadata: ArtifactMetadata, opset: int = DEFAULT_OPSET) -> Path:
     """The keep_rate-1.0 ONNX with the weights `metadata` records (exported once, then reused)."""
     return cached_onnx(metadata, PLAIN_KEEP_RATE, opset)
 
 
-def cached_onnx(metadata: ArtifactMetadata, keep_rate: float, opset: int = 17) -> Path:
+def cached_onnx(metadata: ArtifactMetadata, keep_rate: float, opset: int = DEFAULT_OPSET) -> Path:
     """Export (once, then reuse) `metadata`'s model at `keep_rate` with the weights it records.
 
     Weights: the recorded checkpoint when it is still there with the same digest; random weights
     with the recorded seed otherwise (with a warning when a checkpoint was recorded: speed does
     not depend on the weight values, only the logits would).
     """
-    from evit_deploy.export.onnx import export_onnx
-
     config = dataclasses.replace(metadata.to_config(), keep_rate=keep_rate)
     checkpoint = _same_checkpoint(metadata)
     weights = metadata.weights if checkpoint else _random_weights(metadata)
