@@ -2,7 +2,7 @@
 
 Candidates: OpenVINO FP32 (a sanity row), OpenVINO BF16 with the TopK score path in FP32 (the
 default) and without it, and INT8 by each quantization method (ONNX Runtime static and dynamic,
-NNCF where installed), each INT8 file run on ONNX Runtime. Each is compared with the FP32 file on
+NNCF where installed), each INT8 file run on ONNX Runtime (and the QDQ ones on OpenVINO too). Each is compared with the FP32 file on
 ONNX Runtime by evit_deploy.export.validate (the machinery export and quantize use) under
 GATES['bf16'] / GATES['int8']; reported per candidate: top-1 agreement, the share of images keeping
 the same tokens at each drop block, accuracy FP32 -> candidate, and the gates missed. Writes JSON and
@@ -116,6 +116,8 @@ def fidelity(
         )
         rows.append(row(f"int8 {method} (onnxruntime)", result.report, time.perf_counter() - start, {"path": str(out)}))
         on_row(rows[-1])
+        if has_openvino and method != "dynamic":  # the QDQ file on OpenVINO's INT8 kernels
+            add(f"int8 {method} (openvino)", openvino_runner(out, "fp32"), GATES["int8"])
     return rows
 
 

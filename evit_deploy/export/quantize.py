@@ -3,7 +3,7 @@
 Methods (all write an ONNX that ONNX Runtime and OpenVINO both run):
 - static: ONNX Runtime's post-training quantization, QDQ format, activations uint8 with ranges
   calibrated on a folder of images (MinMax), weights int8 per channel (U8S8, the x86 choice).
-  MatMul, Gemm and Conv are quantized.
+  MatMul (with a weight), Gemm and Conv are quantized.
 - dynamic: ONNX Runtime's dynamic quantization: weights int8 per channel, activation ranges taken
   per batch at run time; only MatMul/Gemm with weights (Q.K^T and attention x V stay float). No
   calibration set.
@@ -42,7 +42,10 @@ from evit_deploy.preprocess import image_files, preprocess
 
 METHODS = ("static", "dynamic", "nncf")
 CALIBRATION_CHUNK = 16  # images preprocessed and run per calibration step
-DEFAULT_CALIBRATION_IMAGES = 256  # spread over the folder; more rarely moves MinMax ranges
+DEFAULT_CALIBRATION_IMAGES = 256
+# static: quantize only MatMuls with a weight; attention's activation x activation products (the
+# softmax probabilities x V above all, whose small probabilities uint8 rounds to zero) stay float
+STATIC_WEIGHT_MATMULS_ONLY = True  # spread over the folder; more rarely moves MinMax ranges
 
 
 class GatesMissed(EvitDeployError):
@@ -126,12 +129,15 @@ def quantize_graph(
             settings = {
                 "format": "QDQ", "activations": "uint8 (asymmetric)", "weights": "int8 per channel",
                 "calibration_method": "MinMax", "op_types": ["MatMul", "Gemm", "Conv"],
+                "weights_only_matmuls": STATIC_WEIGHT_MATMULS_ONLY,
             }
+            skipped = activation_matmuls(model) if STATIC_WEIGHT_MATMULS_ONLY else []
             quantize_static(
                 source, out, _ort_reader(batches, meta), quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=settings["op_types"], per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=sorted(set(exclude) | set(skipped)),
+                calibrate_method=CalibrationMethod.MinMax,
             )
         else:
             settings = {
@@ -146,6 +152,18 @@ def quantize_graph(
         quantized = onnx.load(str(out))
     root.setLevel(level)
     return quantized, {"library": f"onnxruntime {onnxruntime.__version__}", **settings}
+
+
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMuls whose inputs are both computed (attention's Q.K^T and probabilities x V), not a
+    weight (an initializer or a Constant node). ONNX Runtime's MatMulConstBOnly option does not
+    apply to QDQ, so they are excluded by name."""
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    return [
+        node.name for node in model.graph.node
+        if node.op_type == "MatMul" and not any(name in constants for name in node.input)
+    ]
 
 
 def _quantize_nncf(model, meta, batches, exclude) -> tuple[onnx.ModelProto, dict]:
