@@ -111,3 +111,18 @@ def test_cli_predict_and_errors(onnx_file):
     assert json.loads(ort.stdout)[0]["class_ids"] == json.loads(ovino.stdout)[0]["class_ids"]
     wrong = run_cli("predict", onnx_file, SAMPLE_IMAGE, "--precision", "bf16")
     assert_one_line_error(wrong, 2, "--precision bf16 is an OpenVINO setting")
+
+
+def test_bench_shows_precision_and_both_speedups(onnx_file):
+    from evit_deploy.cli import bench_table
+    from evit_deploy.runtime.bench import REFERENCE, bench_artifact
+
+    report = bench_artifact(onnx_file, [1], backend="openvino", iterations=1, warmup=0, threads=2)
+    runs = [(r.keep_rate, r.backend, r.precision) for r in report.runs]
+    # EViT and plain on OpenVINO, then the reference: plain FP32 on ONNX Runtime, interleaved
+    assert runs == [(0.7, "openvino", "fp32"), (1.0, "openvino", "fp32"), (1.0, "onnxruntime", "fp32")]
+    assert set(report.speedup) == {1} and set(report.reference_speedup) == {1}
+    data = report.to_dict()
+    assert data["reference"] == REFERENCE and set(data["reference_speedup"]) == {"1"}
+    table = bench_table(report)
+    assert [c.header for c in table.columns][2:4] == ["backend", "precision"]
