@@ -22,6 +22,7 @@ Whether it worked is read back from the compiled model (`score_path_precisions`)
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,14 @@ class OpenVINOBackend(Backend):
                 f"OpenVINO cannot compile {self.path.name}: {str(exc).strip().splitlines()[0]}"
             ) from exc
         self.request = self.compiled.create_infer_request()
+        if self.fp32_topk_scores:
+            lowered = sorted(n for n, p in self.score_path_precisions().items() if p != "f32")
+            if lowered:  # another OpenVINO version may handle the attribute differently
+                warnings.warn(
+                    f"OpenVINO {import_openvino().__version__} runs {len(lowered)} TopK score-path "
+                    f"node(s) in BF16 despite the FP32 request (e.g. {lowered[0]})",
+                    stacklevel=2,
+                )
         self.provider = "CPU" + (", TopK scores FP32" if self.fp32_topk_scores else "")
         if self.metadata.precision != "fp32":  # an INT8 (QDQ) file: its float parts run at `precision`
             self.precision = f"{self.metadata.precision}+{precision}" if precision != "fp32" else self.metadata.precision
