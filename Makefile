@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,plot,serve]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,plot,serve,openvino]"
 	touch $(STAMP)
 
 # The main job on the embedded default (DeiT-S EViT keep 0.7; random weights unless

@@ -190,8 +190,10 @@ def default_onnx_name(config) -> str:
     return f"{config.model}{suffix}{size}.onnx"
 
 
-def validation_table(report) -> Table:
-    table = Table(title="Validation: ONNX Runtime vs PyTorch")
+def validation_table(report, title: str = "Validation: ONNX Runtime vs PyTorch") -> Table:
+    if report.gates is not None:
+        return precision_table(report, title)
+    table = Table(title=title)
     for column in ("inputs", "batch", "max |diff|", "tolerance", "top-1", "kept tokens", "result"):
         table.add_column(column, justify="left" if column == "inputs" else "right")
     for case in report.cases:
@@ -210,7 +212,50 @@ def validation_table(report) -> Table:
     return table
 
 
-BACKEND_HELP = "auto (from the file suffix), onnxruntime, tensorrt or pytorch."
+def precision_table(report, title: str) -> Table:
+    """A reduced precision against FP32: top-1 agreement, the share of images keeping the same
+    tokens at each drop block, accuracy reference -> candidate; gated on the held-out row."""
+    gates = report.gates
+    table = Table(
+        title=title,
+        caption=f"{report.precision} gates (held-out row): top-1 agreement >= {gates.min_top1_agreement:.1%}, "
+        f"same kept tokens at the first drop block >= {gates.min_kept_identical:.0%}"
+        + (f", accuracy drop <= {gates.max_accuracy_drop:g} points" if gates.max_accuracy_drop is not None else ""),
+    )
+    for column in ("inputs", "batch", "max |diff|", "top-1 agreement", "same kept tokens per drop block", "accuracy", "result"):
+        table.add_column(column, justify="left" if column in ("inputs", "result") else "right")
+    for case in report.cases:
+        kept = " / ".join(f"{share:.1%}" for share in case.kept_identical) or "-"
+        accuracy = "-"
+        if case.accuracy is not None and case.reference_accuracy is not None:
+            accuracy = f"{case.reference_accuracy:.1%} -> {case.accuracy:.1%}"
+        if not case.gated:
+            result = "reported"
+        elif case.passed:
+            result = "[green]pass[/]"
+        else:
+            result = "[red]FAIL[/]: " + escape("; ".join(case.missed_gates()))
+        table.add_row(
+            case.name, str(case.batch), f"{case.max_abs_diff:.2e}", f"{case.top1_agreement:.1%}", kept, accuracy, result
+        )
+    return table
+
+
+BACKEND_HELP = "auto (from the file suffix), onnxruntime, openvino, tensorrt or pytorch."
+PRECISION = typer.Option(
+    None, "--precision", help="OpenVINO: fp32 (default) or bf16 (needs AVX-512 BF16 or AMX; the TopK score path stays FP32)."
+)
+TOPK_SCORES = typer.Option(
+    True, "--fp32-topk-scores/--bf16-topk-scores", help="OpenVINO bf16: keep the scores TopK ranks in FP32."
+)
+
+
+def _precision_options(precision: Optional[str], fp32_topk_scores: bool = True) -> dict:
+    """Backend options for --precision / --bf16-topk-scores (only what was asked for)."""
+    options = {"precision": precision} if precision else {}
+    if not fp32_topk_scores:
+        options["fp32_topk_scores"] = False
+    return options
 
 
 @command()
@@ -220,12 +265,13 @@ def predict(
     topk: int = typer.Option(5, help="Classes to report per image."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: best available)."),
+    precision: Optional[str] = PRECISION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Classify images with any artifact (DeiT preprocessing, settings from the artifact)."""
     from evit_deploy.runtime import Predictor
 
-    predictor = Predictor(artifact, backend=backend, device=device)
+    predictor = Predictor(artifact, backend=backend, device=device, **_precision_options(precision))
     predictions = predictor.predict([str(p) for p in images], topk=topk)
     if as_json:
         print(json.dumps([{"image": str(i), **p.to_dict()} for i, p in zip(images, predictions)], indent=2))
@@ -266,7 +312,9 @@ def bench(
     min_seconds: float = typer.Option(3.0, help="Time each variant at least this long (without --iters)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: best available)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (ONNX Runtime / PyTorch)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (ONNX Runtime / OpenVINO / PyTorch)."),
+    precision: Optional[str] = PRECISION,
+    fp32_topk_scores: bool = TOPK_SCORES,
     baseline: bool = typer.Option(True, help="Also time the plain ViT (keep_rate 1.0) of the same weights."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     force: bool = typer.Option(False, help="Replace an existing --json file."),
@@ -282,7 +330,7 @@ def bench(
     batches = parse_batches(batch)
     if json_path:
         check_can_write(json_path, force)
-    options = {"threads": threads} if threads else {}
+    options = ({"threads": threads} if threads else {}) | _precision_options(precision, fp32_topk_scores)
     if keep_rates is not None:
         sweep_args = (warmup, iters, min_seconds, options, json_path, plot, eval_dir, force)
         return _bench_sweep(artifact, keep_rates, batches, backend, device, *sweep_args)
@@ -293,10 +341,14 @@ def bench(
             artifact, batches, backend, device, warmup, iters, min_seconds, baseline, **options
         )
     console.print(bench_table(report))
+    first = report.runs[0]
     for size, speedup in report.speedup.items():
         console.print(
-            f"batch {size}: EViT is [bold]{speedup:.2f}x[/] the plain ViT's throughput "
-            f"(FLOPs ratio {report.flops_ratio:.2f}x: {speedup / report.flops_ratio:.0%} of it)"
+            f"batch {size}: EViT is [bold]{speedup:.2f}x[/] the plain ViT's throughput on {first.backend} "
+            f"{first.precision} (FLOPs ratio {report.flops_ratio:.2f}x: {speedup / report.flops_ratio:.0%} of it)"
+            + (f"; [bold]{report.reference_speedup[size]:.2f}x[/] plain FP32 on ONNX Runtime (the reference)"
+               if size in report.reference_speedup else ""),
+            highlight=False,
         )
     if json_path:
         write_bytes_atomic(json_path, json.dumps(report.to_dict(), indent=2).encode(), force)
@@ -309,7 +361,7 @@ def bench_table(report) -> Table:
         title=f"{first.backend} ({first.provider}, {first.precision}) on {first.device}",
         caption="latency per batch in ms; throughput = batch / median latency",
     )
-    columns = ("model", "keep", "batch", "mean", "p50", "p90", "p99", "img/s", "GMACs", "runs")
+    columns = ("model", "keep", "backend", "precision", "batch", "mean", "p50", "p90", "p99", "img/s", "GMACs", "runs")
     for column in columns:
         if column == "model":
             table.add_column(column, no_wrap=True, min_width=10)
@@ -320,6 +372,8 @@ def bench_table(report) -> Table:
         table.add_row(
             run.model.replace("_patch16_224", ""),
             f"{run.keep_rate:g}",
+            run.backend,
+            run.precision,
             str(run.batch),
             *(f"{lat[k]:.1f}" if lat[k] < 1000 else f"{lat[k]:.0f}" for k in ("mean", "p50", "p90", "p99")),
             f"{run.throughput_ips:.1f}",
@@ -397,6 +451,7 @@ def evaluate_accuracy(
     drop_loc: Optional[str] = CHECKPOINT_DROP_LOC,
     fuse_token: Optional[bool] = CHECKPOINT_FUSE_TOKEN,
     img_size: Optional[int] = CHECKPOINT_IMG_SIZE,
+    precision: Optional[str] = PRECISION,
 ) -> None:
     """Top-1 / top-5 accuracy on an image folder, with any backend; with an objects.json (from
     `evit-deploy dataset shapes`) also how much of each object the drop blocks keep."""
@@ -417,7 +472,7 @@ def evaluate_accuracy(
     if json_path:
         check_can_write(json_path, force)
     with err_console.status(f"loading {artifact.name}"):
-        predictor = Predictor(artifact, backend=backend, device=device, **options)
+        predictor = Predictor(artifact, backend=backend, device=device, **options, **_precision_options(precision))
     meta = predictor.metadata
     samples = spread_subset(find_samples(data_dir, meta.num_classes, labels, meta.classes), limit)
     if predictor.metadata.weights.startswith("random:"):
@@ -567,6 +622,67 @@ def plan(
     )
 
 
+@command()
+def quantize(
+    model: Path = typer.Argument(..., metavar="MODEL.onnx", help="An FP32 ONNX exported with `evit-deploy export`."),
+    calibration: Optional[Path] = typer.Option(None, help="Images to calibrate activation ranges on (static, nncf)."),
+    method: str = typer.Option("static", help="static (ONNX Runtime QDQ), dynamic (ONNX Runtime, no calibration) or nncf."),
+    calibration_images: int = typer.Option(256, help="Calibrate on at most this many images, spread over the folder."),
+    validate_dir: Optional[Path] = typer.Option(None, help="Held-out images (class folders) the INT8 model is judged on."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output path (default: MODEL.int8.onnx)."),
+    accept_failed_gates: bool = typer.Option(False, help="Write the file even if it misses a precision gate (recorded in its metadata)."),
+    force: bool = typer.Option(False, help="Replace an existing output file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the result as JSON to this file."),
+) -> None:
+    """INT8 quantization of an exported ONNX (TopK score path kept in float), validated against the
+    FP32 file on held-out images; nothing is written when a precision gate is missed."""
+    from evit_deploy.export.quantize import GatesMissed, default_int8_name, quantize_onnx
+    from evit_deploy.fileio import check_can_write, write_bytes_atomic
+
+    output = output or default_int8_name(model)
+    if json_out:
+        check_can_write(json_out, force)
+    title = f"Validation: INT8 ({method}) vs FP32, ONNX Runtime"
+    try:
+        with err_console.status(f"quantizing {model.name}") as status:
+            result = quantize_onnx(
+                model, output, method=method, calibration_dir=calibration, calibration_images=calibration_images,
+                validate_dir=validate_dir, accept_failed_gates=accept_failed_gates, force=force,
+                on_step=status.update,
+            )
+    except GatesMissed as missed:
+        (err_console if as_json else console).print(validation_table(missed.report, title))
+        raise
+    meta = result.metadata
+    record = {
+        "path": str(result.path),
+        "size_bytes": result.size_bytes,
+        "metadata": meta.to_props() | {"quantization": meta.quantization},
+        "validation": result.report.to_dict(),
+    }
+    if json_out:
+        write_bytes_atomic(json_out, json.dumps(record, indent=2).encode(), force)
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    console.print(validation_table(result.report, title))
+    if not result.report.passed:
+        err_console.print(
+            f"[yellow]warning:[/] written although it missed the gates (--accept-failed-gates): "
+            f"{escape(result.report.failure_summary())}",
+            highlight=False, soft_wrap=True,
+        )
+    calibration_info = meta.quantization.get("calibration")
+    console.print(f"[bold green]quantized[/] {escape(str(result.path))} ({result.size_bytes / 2**20:.1f} MiB, int8, {method})", highlight=False)
+    console.print(f"kept in float   TopK score path: {len(result.excluded)} nodes", highlight=False)
+    if calibration_info:
+        console.print(f"calibration     {escape(calibration_info['folder'])} ({calibration_info['images']} images)", highlight=False)
+    if json_out:
+        console.print(f"wrote {json_out}")
+    console.print(f"next            evit-deploy bench {escape(str(result.path))} --batch 1,8", soft_wrap=True, highlight=False)
+
+
 @command(name="build-engine")
 def build_engine_command(
     model: Path = typer.Argument(..., metavar="MODEL.onnx", help="An ONNX exported with `evit-deploy export`."),
@@ -654,6 +770,14 @@ def doctor(
     console.print(packages)
     console.print(f"CUDA (torch build) {report.torch_cuda or 'none (CPU-only torch)'}; NVIDIA driver {report.nvidia_driver or 'none found'}")
     console.print(f"ONNX Runtime providers {', '.join(report.onnxruntime_providers) or 'none'}")
+    if report.cpu is not None:
+        flags = ", ".join(f"{label} {'yes' if present else 'no'}" for label, present in report.cpu.flags.items())
+        capabilities = ", ".join(report.cpu.openvino_capabilities) or "OpenVINO not installed"
+        console.print(
+            f"CPU             {escape(report.cpu.name)}: {flags or 'flags unknown (no /proc/cpuinfo)'}; "
+            f"OpenVINO capabilities: {capabilities}",
+            highlight=False, soft_wrap=True,
+        )
     if not report.gpus:
         console.print(f"GPU             none visible to PyTorch: {escape(report.gpu_hint)}")
     for gpu in report.gpus:
@@ -685,6 +809,7 @@ def serve(
     workers: int = typer.Option(1, help="Model instances, each with its own Predictor (CPU threads are split)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: best available)."),
+    precision: Optional[str] = PRECISION,
     max_body_mb: float = typer.Option(10.0, help="Largest image upload on the REST front (413 beyond)."),
     shutdown_timeout: int = typer.Option(30, help="Seconds to finish in-flight requests on Ctrl-C / SIGTERM."),
     verbose: bool = typer.Option(False, help="Print Triton's own log."),
@@ -698,7 +823,7 @@ def serve(
         model_name=model_name, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
         workers=workers, max_body_mb=max_body_mb, shutdown_timeout_s=shutdown_timeout, verbose=verbose,
     )
-    server = EvitServer(artifact, options, backend=backend, device=device)
+    server = EvitServer(artifact, options, backend=backend, device=device, backend_options=_precision_options(precision))
     try:
         with err_console.status(f"loading {artifact.name} and starting Triton Inference Server"):
             server.start()
@@ -803,6 +928,9 @@ def triton_repo(
     max_queue: int = typer.Option(1024, help="Queue limit (rejected beyond; 0: unbounded)."),
     kind: str = typer.Option("auto", help="Instance kind for ONNX: auto, gpu or cpu (plans: gpu)."),
     force: bool = typer.Option(False, help="Replace an existing model folder."),
+    platform: str = typer.Option("auto", help="auto (from the file), onnxruntime, tensorrt, or openvino (Triton's OpenVINO backend, CPU)."),
+    precision: str = typer.Option("fp32", help="--platform openvino: fp32 (serves the ONNX) or bf16 (writes OpenVINO IR, TopK scores FP32)."),
+    threads: Optional[int] = typer.Option(None, help="--platform openvino: inference threads per instance (default: all cores)."),
 ) -> None:
     """Write a Triton Inference Server model repository (config.pbtxt, model, labels) for an artifact."""
     from evit_deploy.serve.triton_repo import write_triton_repo
@@ -810,7 +938,7 @@ def triton_repo(
     result = write_triton_repo(
         artifact, output, model_name=model_name, instances=instances, max_batch=max_batch,
         preferred_batch=preferred_batch, max_queue_delay_us=max_queue_delay_us, max_queue=max_queue,
-        kind=kind, force=force,
+        kind=kind, force=force, platform=platform, precision=precision, threads=threads,
     )
     for note in result.notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

@@ -23,13 +23,15 @@ from evit_deploy.engines.support import (
     has_fast_fp16,
     tensorrt_major,
 )
+from evit_deploy.runtime.cpu_features import CpuFeatures, missing_bf16, probe_cpu
 
-PACKAGES = ("torch", "onnx", "onnxruntime", "onnxslim", "safetensors", "tensorrt", "numpy", "pillow", "typer", "rich")
+PACKAGES = ("torch", "onnx", "onnxruntime", "onnxslim", "safetensors", "tensorrt", "openvino", "numpy", "pillow", "typer", "rich")
 IMPORT_NAMES = {"pillow": "PIL"}  # where the import name differs from the distribution's
 DISTRIBUTION_ALTERNATIVES = {"onnxruntime": ("onnxruntime-gpu",)}
 ORT_GPU_INSTALL = "pip uninstall onnxruntime && pip install onnxruntime-gpu"
 NO_GPU = "no CUDA GPU visible to PyTorch"
 GPU_INSTALL = f"needs an NVIDIA GPU and {TORCH_CUDA_INSTALL}"
+OPENVINO_INSTALL = "pip install 'evit-deploy[openvino]'"
 
 
 @dataclass
@@ -72,6 +74,7 @@ class DoctorReport:
     gpu_hint: str = ""  # how to get a usable GPU when none is visible
     backends: list[Capability] = field(default_factory=list)
     actions: list[Capability] = field(default_factory=list)
+    cpu: CpuFeatures | None = None  # instruction sets that decide the CPU precisions
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +97,7 @@ def diagnose() -> DoctorReport:
         onnxruntime_providers=probe_ort_providers() if works["onnxruntime"] else [],
         gpus=gpus,
         gpu_hint="" if gpus else GPU_INSTALL,
+        cpu=probe_cpu(with_openvino=works["openvino"]),
     )
     report.backends, report.actions = capabilities(report)
     return report
@@ -110,6 +114,13 @@ def capabilities(report: DoctorReport) -> tuple[list[Capability], list[Capabilit
     no_fast_fp16 = None if gpu is None or gpu.fast_fp16 else f"{gpu.name} has no fast FP16: use --fp32"
     export_missing = [n for n in ("torch", "onnx", "onnxruntime", "onnxslim") if not works[n]]
     on_gpu = f" on {gpu.name}" if gpu else ""
+    no_openvino = None if works["openvino"] else OPENVINO_INSTALL
+    cpu = report.cpu
+    no_bf16 = missing_bf16(cpu) if cpu is not None else "CPU features unknown"
+    int8_speed = (
+        "VNNI: INT8 does 4x the FP32 multiply-adds per instruction"
+        if cpu is not None and cpu.vnni else "no VNNI here: INT8 gains little on this CPU"
+    )
 
     def capability(name: str, detail: str, *problems: str | None) -> Capability:
         found = [p for p in problems if p]
@@ -129,6 +140,8 @@ def capabilities(report: DoctorReport) -> tuple[list[Capability], list[Capabilit
             no_gpu or (None if "CUDAExecutionProvider" in providers else ORT_GPU_INSTALL),
         ),
         capability("tensorrt", f"TensorRT {report.package('tensorrt').version}{on_gpu}", no_torch, no_gpu, no_tensorrt),
+        capability("openvino (cpu, fp32)", "CPU plugin", no_openvino),
+        capability("openvino (cpu, bf16)", "CPU plugin, BF16 with the TopK scores in FP32", no_openvino, no_bf16),
     ]
     actions = [
         capability(
@@ -143,6 +156,11 @@ def capabilities(report: DoctorReport) -> tuple[list[Capability], list[Capabilit
         ),
         capability("build-engine --fp16", "FP16, TopK scores kept in FP32", no_torch, no_gpu, no_tensorrt, no_fast_fp16),
         capability("build-engine --fp32", "FP32", no_torch, no_gpu, no_tensorrt),
+        capability(
+            "quantize (int8)",
+            f"ONNX Runtime static/dynamic, NNCF where installed; {int8_speed}",
+            None if works["onnxruntime"] and works["onnx"] else "pip install onnx onnxruntime",
+        ),
     ]
     return backends, actions
 

@@ -39,6 +39,8 @@ class ArtifactMetadata:
     checkpoint: str = ""  # absolute path of the source checkpoint; "" for random weights
     weights: str = ""  # "random:SEED" or "sha256:DIGEST" of the checkpoint
     evit_deploy_version: str = __version__
+    precision: str = "fp32"  # the graph's: fp32, or int8 for a quantized file
+    quantization: dict = field(default_factory=dict)  # int8: method, calibration set, gates
 
     @classmethod
     def from_model(cls, model, with_token_indices: bool = False) -> "ArtifactMetadata":

@@ -14,9 +14,11 @@ from typer.testing import CliRunner
 from evit_deploy import doctor
 from evit_deploy.cli import app
 from evit_deploy.doctor import Capability, DoctorReport, Gpu, Package, capabilities, diagnose
+from evit_deploy.runtime.cpu_features import FEATURES, CpuFeatures, missing_bf16, parse_cpuinfo, probe_cpu
 
 runner = CliRunner()
 H100 = Gpu(0, "NVIDIA H100 80GB HBM3", "9.0", 79.1, True)
+SAPPHIRE_RAPIDS = CpuFeatures("Intel Xeon Platinum 8480+", dict.fromkeys(FEATURES, True), ["FP32", "BF16", "INT8"])
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def here() -> DoctorReport:
     return diagnose()
 
 
-def report_with(packages: dict[str, tuple[str | None, str]], gpus=(H100,), providers=("CUDAExecutionProvider", "CPUExecutionProvider")) -> DoctorReport:
+def report_with(packages: dict[str, tuple[str | None, str]], gpus=(H100,), providers=("CUDAExecutionProvider", "CPUExecutionProvider"), cpu=SAPPHIRE_RAPIDS) -> DoctorReport:
     """A report as diagnose() would make it on another machine: every package installed and
     working unless `packages` says otherwise (name -> (version, import error))."""
     listed = {name: ("1.0", "") for name in doctor.PACKAGES} | {"tensorrt": ("10.3.0", "")} | packages
@@ -37,6 +39,7 @@ def report_with(packages: dict[str, tuple[str | None, str]], gpus=(H100,), provi
         nvidia_driver="560.35",
         onnxruntime_providers=list(providers),
         gpus=list(gpus),
+        cpu=cpu,
     )
     report.backends, report.actions = capabilities(report)
     return report
@@ -121,3 +124,66 @@ def test_cli_doctor_table_and_json():
     data = json.loads(result.output)
     assert {f.name for f in dataclasses.fields(DoctorReport)} == set(data)
     assert {row["name"] for row in data["backends"]} >= {"tensorrt", "pytorch (cuda)", "onnxruntime (cuda)"}
+
+
+# A Zen 4 EPYC's /proc/cpuinfo, shortened: AVX-512 with BF16 and VNNI, no AMX.
+EPYC = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9R14
+flags\t\t: fpu vme sse sse2 avx avx2 fma avx512f avx512dq avx512_bf16 avx512_vnni avx_vnni sha_ni
+bugs\t\t: sysret_ss_attrs
+
+processor\t: 1
+model name\t: AMD EPYC 9R14
+flags\t\t: fpu avx2
+"""
+# An older Xeon: AVX-512F without BF16 or VNNI.
+SKYLAKE = "model name\t: Intel(R) Xeon(R) Gold 6148\nflags\t\t: sse avx avx2 avx512f avx512cd avx512bw\n"
+# An ARM server: no x86 flags at all ('Features', no 'model name').
+GRAVITON = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 bf16 i8mm\n"
+
+
+def test_cpu_features_from_cpuinfo():
+    name, flags = parse_cpuinfo(EPYC)
+    assert name == "AMD EPYC 9R14"  # the first processor's entry
+    assert flags == {
+        "AVX2": True, "AVX-512F": True, "AVX-512 BF16": True, "AVX-512 VNNI": True,
+        "AVX-VNNI": True, "AMX-BF16": False, "AMX-INT8": False,
+    }
+    epyc = probe_cpu(EPYC, with_openvino=False)
+    assert epyc.bf16 and epyc.vnni and missing_bf16(epyc) is None
+    skylake = probe_cpu(SKYLAKE, with_openvino=False)
+    assert skylake.flags["AVX-512F"] and not skylake.bf16 and not skylake.vnni
+    reason = missing_bf16(skylake)
+    assert "Gold 6148" in reason and "AVX-512 BF16 or AMX" in reason and "--precision fp32" in reason
+    assert "\n" not in reason
+    amx = CpuFeatures("Xeon", {**dict.fromkeys(FEATURES, False), "AMX-BF16": True}, [])
+    assert amx.bf16
+    graviton = probe_cpu(GRAVITON, with_openvino=False)
+    assert graviton.flags == dict.fromkeys(FEATURES, False) and not graviton.bf16
+    # no /proc/cpuinfo: flags unknown, OpenVINO's capabilities decide
+    unknown = CpuFeatures("?", {}, ["FP32", "BF16"])
+    assert not unknown.known and unknown.bf16
+    assert not CpuFeatures("?", {}, ["FP32"]).bf16
+    # flags say BF16 but the installed OpenVINO does not offer it: not offered
+    assert missing_bf16(CpuFeatures("x", dict.fromkeys(FEATURES, True), ["FP32", "INT8"])) is not None
+
+
+def test_openvino_rows_follow_the_cpu_and_the_install():
+    backends = by_name(report_with({}).backends)
+    assert backends["openvino (cpu, fp32)"].available and backends["openvino (cpu, bf16)"].available
+    old = probe_cpu(SKYLAKE, with_openvino=False)
+    bf16 = by_name(report_with({}, cpu=old).backends)["openvino (cpu, bf16)"]
+    assert not bf16.available and "AVX-512 BF16" in bf16.detail
+    missing = by_name(report_with({"openvino": (None, "")}).backends)
+    assert not missing["openvino (cpu, fp32)"].available and "evit-deploy[openvino]" in missing["openvino (cpu, fp32)"].detail
+    actions = by_name(report_with({}, cpu=old).actions)
+    assert actions["quantize (int8)"].available and "no VNNI" in actions["quantize (int8)"].detail
+
+
+def test_this_machines_cpu_is_reported(here):
+    assert here.cpu is not None and here.cpu.name
+    if here.package("openvino").works:
+        assert "FP32" in here.cpu.openvino_capabilities
+    result = runner.invoke(app, ["doctor"])
+    assert "CPU " in result.output and "AVX2" in result.output

@@ -149,3 +149,47 @@ def test_cli_writes_a_repository_and_reports_errors_in_one_line(onnx_artifact, t
     checkpoint = tmp_path / "model.pth"
     checkpoint.write_bytes(b"")
     assert_one_line_error(run_cli("triton-repo", checkpoint, "-o", tmp_path / "r2"), 2, "evit-deploy export")
+
+
+def test_openvino_repository_for_a_cpu_fleet(onnx_artifact, tmp_path):
+    """Triton's OpenVINO backend: `backend: "openvino"` (no platform), the ONNX itself in FP32."""
+    result = write_triton_repo(onnx_artifact, tmp_path, platform="openvino", instances=2, threads=4)
+    config = parse_config(result.config_path)
+    assert config.backend == "openvino" and config.platform == ""
+    assert config.default_model_filename == "model.onnx"
+    assert (tmp_path / "evit" / "1" / "model.onnx").read_bytes() == onnx_artifact.read_bytes()
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": "4"}
+    (group,) = config.instance_group
+    assert group.count == 2 and group.kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
+    (image,) = config.input
+    assert list(image.dims) == [3, 224, 224] and config.max_batch_size == 64
+    for kwargs, fragment in (
+        (dict(platform="openvino", kind="gpu"), "on the CPU"),
+        (dict(platform="onnxruntime", precision="bf16"), "--platform openvino"),
+        (dict(platform="openvino", threads=0), "--threads must be positive"),
+        (dict(platform="triton"), "--platform must be one of"),
+    ):
+        with pytest.raises(UsageError, match=fragment):
+            write_triton_repo(onnx_artifact, tmp_path / "bad", **kwargs)
+
+
+def test_openvino_bf16_repository_is_ir_with_the_score_path_pinned(onnx_artifact, tmp_path):
+    pytest.importorskip("openvino", reason="needs OpenVINO (the openvino extra)")
+    from evit_deploy.runtime.cpu_features import probe_cpu
+
+    if not probe_cpu().bf16:
+        pytest.skip("this CPU has no native BF16")
+    from evit_deploy.runtime import load_backend
+
+    result = write_triton_repo(onnx_artifact, tmp_path, platform="openvino", precision="bf16")
+    config = parse_config(result.config_path)
+    assert config.backend == "openvino" and config.default_model_filename == ""  # model.xml: the default
+    assert config.parameters["HINT_BF16"].string_value == "YES"
+    xml = tmp_path / "evit" / "1" / "model.xml"
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    assert xml.read_text().count('name="DisablePrecisionConversion"') >= 15  # 3 drop blocks' score paths
+    # the IR carries the metadata; the openvino backend loads it by its suffix
+    backend = load_backend(xml, precision="bf16")
+    assert backend.name == "openvino" and backend.metadata.keep_rate == 0.7
+    assert set(backend.score_path_precisions().values()) == {"f32"}

@@ -322,6 +322,36 @@ def onnx_runner(model: onnx.ModelProto | bytes, providers: tuple[str, ...] = ("C
     return run
 
 
+def openvino_runner(
+    path: str | Path,
+    precision: str = "fp32",
+    fp32_topk_scores: bool = True,
+    threads: int | None = None,
+) -> Runner:
+    """An .onnx (or IR .xml) on OpenVINO's CPU plugin at `precision`, each TopK's indices exposed
+    as extra outputs without changing the precision any node runs in (so BF16 is judged as the
+    openvino backend runs it)."""
+    from evit_deploy.runtime.openvino_backend import check_precision, compile_model, read_model, topk_ops
+
+    model, meta = read_model(path)
+    check_precision(precision)
+    index_names = [op.output(1) for op in topk_ops(model)]
+    compiled = compile_model(model, precision, threads, fp32_topk_scores, index_outputs=True)
+    outputs = list(compiled.outputs)
+    logits_port = compiled.output(meta.output_name)
+    index_ports = outputs[len(outputs) - len(index_names):]
+    request = compiled.create_infer_request()
+
+    def run(images: np.ndarray) -> Outputs:
+        result = request.infer({meta.input_name: images})
+        return Outputs(
+            np.asarray(result[logits_port], dtype=np.float32),
+            [np.asarray(result[port]).astype(np.int64) for port in index_ports],
+        )
+
+    return run
+
+
 def validate(
     reference: Runner,
     candidate: Runner,

@@ -17,10 +17,11 @@ import numpy as np
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.metadata import ArtifactMetadata
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "pytorch")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "pytorch")
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 SUFFIX_BACKEND = {
     ".onnx": "onnxruntime",
+    ".xml": "openvino",  # OpenVINO IR written by `export --format openvino`
     ".plan": "tensorrt",
     ".engine": "tensorrt",
     ".pt": "pytorch",
@@ -84,8 +85,9 @@ def backend_for(path: Path, backend: str) -> str:
 def load_backend(path: str | Path, backend: str = "auto", device: str | None = None, **options) -> Backend:
     """Load `path` on the backend its suffix implies (or the one named).
 
-    options: onnxruntime: providers, threads; pytorch: model, keep_rate, drop_loc, fuse_token,
-    img_size, fp16, compile, threads; tensorrt: none.
+    options: onnxruntime: providers, threads; openvino: precision (fp32, bf16), threads,
+    fp32_topk_scores; pytorch: model, keep_rate, drop_loc, fuse_token, img_size, fp16, compile,
+    threads; tensorrt: none.
     """
     path = Path(path)
     if not path.exists():
@@ -98,8 +100,20 @@ def load_backend(path: str | Path, backend: str = "auto", device: str | None = N
     threads = options.get("threads")
     if threads is not None and threads <= 0:
         raise UsageError(f"threads must be positive, got {threads}")
+    precision = options.get("precision")
+    if precision not in (None, "fp32") and kind != "openvino":
+        raise UsageError(
+            f"--precision {precision} is an OpenVINO setting (--backend openvino); the {kind} "
+            "backend runs the precision the artifact was built in"
+        )
+    if kind != "openvino":
+        options.pop("precision", None)
+    if kind == "openvino" and path.suffix.lower() not in (".onnx", ".xml"):
+        raise UsageError(f"the openvino backend runs .onnx or OpenVINO IR .xml files, not {path.suffix or path.name}")
     if kind == "onnxruntime":
         from evit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend as backend_class
+    elif kind == "openvino":
+        from evit_deploy.runtime.openvino_backend import OpenVINOBackend as backend_class
     elif kind == "pytorch":
         from evit_deploy.runtime.torch_backend import TorchBackend as backend_class
     else:

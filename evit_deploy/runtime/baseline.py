@@ -85,3 +85,29 @@ def _same_checkpoint(metadata: ArtifactMetadata) -> str | None:
 
 def _random_weights(metadata: ArtifactMetadata) -> str:
     return metadata.weights if metadata.weights.startswith("random:") else "random:0"
+
+
+def quantized_baseline_onnx(metadata: ArtifactMetadata) -> Path:
+    """The plain ViT quantized like an INT8 artifact (its recorded method; the same settings), for
+    timing only: static ranges are calibrated on seeded noise, since the ranges' values do not
+    change the speed. Cached beside the FP32 baselines."""
+    import numpy as np
+
+    from evit_deploy.export.onnx import load_onnx, onnx_metadata, stamp_metadata
+    from evit_deploy.export.quantize import quantize_graph
+    from evit_deploy.fileio import write_bytes_atomic
+
+    method = metadata.quantization.get("method", "dynamic")
+    plain = baseline_onnx(metadata)
+    path = plain.with_name(f"{plain.stem}_int8_{method}.onnx")
+    if path.exists():
+        return path
+    model = load_onnx(plain)
+    size = metadata.img_size
+    noise = np.random.default_rng(0).standard_normal((4, 3, size, size), dtype=np.float32)
+    quantized, settings = quantize_graph(model, method, metadata, lambda: iter([noise]), [])
+    timing_only = {"method": method, **settings, "calibration": "seeded noise (timing only)"}
+    stamp_metadata(quantized, dataclasses.replace(onnx_metadata(model, plain), precision="int8", quantization=timing_only))
+    write_bytes_atomic(path, quantized.SerializeToString(), force=True)
+    return path
+

@@ -41,17 +41,27 @@ class BenchResult:
         return asdict(self)
 
 
+REFERENCE = "plain FP32 on ONNX Runtime (CPU)"
+
+
 @dataclass
 class BenchReport:
     runs: list[BenchResult]
-    speedup: dict[int, float] = field(default_factory=dict)  # batch -> plain p50 / EViT p50
+    # batch -> plain p50 / EViT p50, plain on the same backend at the same precision
+    speedup: dict[int, float] = field(default_factory=dict)
     flops_ratio: float | None = None  # plain GMACs / EViT GMACs: what the speed-up approaches
+    # batch -> reference p50 / EViT p50: the reference is REFERENCE, for CPU runs (timed
+    # interleaved with the others, or the plain run itself when that is ONNX Runtime FP32)
+    reference_speedup: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out: dict = {"runs": [r.to_dict() for r in self.runs]}
         if self.speedup:
             out["speedup"] = {str(b): s for b, s in self.speedup.items()}
             out["flops_ratio"] = self.flops_ratio
+        if self.reference_speedup:
+            out["reference"] = REFERENCE
+            out["reference_speedup"] = {str(b): s for b, s in self.reference_speedup.items()}
         return out
 
 
@@ -136,7 +146,8 @@ def _percentiles(ms: np.ndarray) -> dict[str, float]:
 
 
 def load_baseline(primary: Backend, path: Path, backend: str, device: str | None, options: dict) -> Backend:
-    """The plain ViT of the same weights on the same backend with the same settings."""
+    """The plain ViT of the same weights on the same backend with the same settings (an INT8
+    artifact's plain ViT quantized the same way)."""
     kind = backend_for(path, backend)
     if kind == "pytorch":
         return load_backend(path, "pytorch", device, **{**options, "keep_rate": 1.0})
@@ -144,9 +155,30 @@ def load_baseline(primary: Backend, path: Path, backend: str, device: str | None
         from evit_deploy.engines.tensorrt import build_baseline_engine
 
         return load_backend(build_baseline_engine(path, device), "tensorrt", device)
+    from evit_deploy.runtime.baseline import baseline_onnx, quantized_baseline_onnx
+
+    if primary.metadata.precision == "int8":
+        plain = quantized_baseline_onnx(primary.metadata)
+    else:
+        plain = baseline_onnx(primary.metadata)
+    return load_backend(plain, kind, device, **options)
+
+
+def runs_on_cpu(backend: Backend) -> bool:
+    return backend.name == "openvino" or backend.provider in ("CPUExecutionProvider", "cpu (eager)")
+
+
+def is_reference_kind(backend: Backend) -> bool:
+    """Whether a plain run on `backend` is the reference itself (ONNX Runtime FP32 on the CPU)."""
+    return backend.name == "onnxruntime" and backend.provider == "CPUExecutionProvider" and backend.precision == "fp32"
+
+
+def load_reference(primary: Backend, options: dict) -> Backend:
+    """The plain FP32 ViT of the same weights on ONNX Runtime's CPU provider."""
     from evit_deploy.runtime.baseline import baseline_onnx
 
-    return load_backend(baseline_onnx(primary.metadata), "onnxruntime", device, **options)
+    threads = {"threads": options["threads"]} if options.get("threads") else {}
+    return load_backend(baseline_onnx(primary.metadata), "onnxruntime", "cpu", **threads)
 
 
 def bench_artifact(
@@ -161,13 +193,17 @@ def bench_artifact(
     seed: int = 0,
     **options,
 ) -> BenchReport:
-    """Time `path` at each batch size; for an EViT artifact also its plain ViT, interleaved."""
+    """Time `path` at each batch size; for an EViT artifact also its plain ViT and, on the CPU,
+    the reference (plain FP32 on ONNX Runtime), all interleaved."""
     path = Path(path)
     primary = load_backend(path, backend, device, **options)
     variants = [primary]
     with_baseline = baseline and primary.metadata.to_config().is_evit
     if with_baseline:
         variants.append(load_baseline(primary, path, backend, device, options))
+    with_reference = with_baseline and runs_on_cpu(primary)
+    if with_reference and not is_reference_kind(variants[-1]):
+        variants.append(load_reference(primary, options))
     rng = np.random.default_rng(seed)
     report = BenchReport(runs=[])
     for batch in batches:
@@ -177,7 +213,9 @@ def bench_artifact(
         results = [summarize(v, batch, s) for v, s in zip(variants, seconds)]
         report.runs.extend(results)
         if with_baseline:
-            evit, plain = results
+            evit, plain, reference = results[0], results[1], results[-1]
             report.speedup[batch] = plain.latency_ms["p50"] / evit.latency_ms["p50"]
             report.flops_ratio = plain.gmacs / evit.gmacs
+            if with_reference:
+                report.reference_speedup[batch] = reference.latency_ms["p50"] / evit.latency_ms["p50"]
     return report

@@ -81,7 +81,7 @@ class OnnxRuntimeBackend(Backend):
         self.provider = active[0]
         self.device_name = cpu_name() if self.provider == "CPUExecutionProvider" else _gpu_name()
         input_type = self.session.get_inputs()[0].type
-        self.precision = "fp16" if "float16" in input_type else "fp32"
+        self.precision = "fp16" if "float16" in input_type else self.metadata.precision
         self.input_name = self.metadata.input_name
         self.output_name = self.metadata.output_name
 

@@ -165,8 +165,10 @@ class EvitServer:
         options: ServeOptions | None = None,
         backend: str = "auto",
         device: str | None = None,
+        backend_options: dict | None = None,  # e.g. precision for openvino
     ):
         self.artifact = Path(artifact)
+        self.backend_options = dict(backend_options or {})
         self.options = options or ServeOptions()
         self.backend = backend
         self.device = device
@@ -197,8 +199,8 @@ class EvitServer:
     def _load_predictors(self) -> None:
         opts = self.options
         kind = backend_for(self.artifact, self.backend)
-        extra = {}
-        if opts.workers > 1 and kind in ("onnxruntime", "pytorch") and self.device in (None, "cpu"):
+        extra = dict(self.backend_options)
+        if opts.workers > 1 and kind in ("onnxruntime", "openvino", "pytorch") and self.device in (None, "cpu"):
             extra["threads"] = max(1, (os.cpu_count() or 1) // opts.workers)
         self.predictors = [
             Predictor(self.artifact, self.backend, self.device, **extra) for _ in range(opts.workers)

@@ -5,6 +5,13 @@
     DIR/<model>/evit_metadata.json       preprocessing and token plan (for clients; Triton ignores it)
     DIR/<model>/1/model.onnx             ONNX artifact        (platform onnxruntime_onnx)
     DIR/<model>/1/model.plan             raw TensorRT plan    (platform tensorrt_plan)
+    DIR/<model>/1/model.onnx             ONNX artifact        (backend openvino, --platform openvino)
+    DIR/<model>/1/model.xml, model.bin   OpenVINO IR          (backend openvino, --precision bf16)
+
+Triton's OpenVINO backend (CPU) reads IR by default and ONNX when default_model_filename says so.
+FP32 serves the ONNX artifact itself. BF16 (parameter HINT_BF16) is served from IR written here,
+because only IR carries the runtime attributes that keep each TopK score path in FP32 (see
+evit_deploy.runtime.openvino_backend).
 
 An evit-deploy engine is a JSON header followed by the TensorRT plan; Triton's TensorRT backend
 wants the bare plan, so the header is stripped (its metadata goes to evit_metadata.json). The
@@ -29,6 +36,7 @@ from evit_deploy.runtime.labels import class_names
 
 ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8", 9: "TYPE_BOOL"}
 KINDS = ("auto", "gpu", "cpu")
+PLATFORMS = ("auto", "onnxruntime", "tensorrt", "openvino")
 LABELS_FILE = "labels.txt"
 METADATA_FILE = "evit_metadata.json"
 
@@ -44,7 +52,7 @@ class TensorSpec:
 @dataclass
 class TritonModelSpec:
     name: str
-    platform: str  # onnxruntime_onnx | tensorrt_plan
+    platform: str  # onnxruntime_onnx | tensorrt_plan | openvino (a backend, not a platform)
     max_batch_size: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -53,12 +61,19 @@ class TritonModelSpec:
     preferred_batch_sizes: list[int] = field(default_factory=list)
     max_queue_delay_us: int = 100
     max_queue_size: int = 0  # 0: unbounded (Triton's default)
+    default_model_filename: str = ""
+    parameters: dict[str, str] = field(default_factory=dict)  # the backend's own settings
+
+    @property
+    def backend(self) -> str:
+        """Backends named without a platform (Triton's OpenVINO backend has none)."""
+        return "openvino" if self.platform == "openvino" else ""
 
     def to_pbtxt(self) -> str:
         """Triton's model configuration (protobuf text format of inference.ModelConfig)."""
         lines = [
             f'name: "{self.name}"',
-            f'platform: "{self.platform}"',
+            f'backend: "{self.backend}"' if self.backend else f'platform: "{self.platform}"',
             f"max_batch_size: {self.max_batch_size}",
             "input [",
             ",\n".join(_tensor(t, is_input=True) for t in self.inputs),
@@ -86,6 +101,10 @@ class TritonModelSpec:
             "  }",
             "]",
         ]
+        if self.default_model_filename:
+            lines.append(f'default_model_filename: "{self.default_model_filename}"')
+        for key, value in self.parameters.items():
+            lines += ["parameters {", f'  key: "{key}"', f'  value: {{ string_value: "{value}" }}', "}"]
         return "\n".join(lines) + "\n"
 
 
@@ -168,8 +187,13 @@ def write_triton_repo(
     max_queue: int = 0,
     kind: str = "auto",
     force: bool = False,
+    platform: str = "auto",
+    precision: str = "fp32",
+    threads: int | None = None,
 ) -> TritonRepoResult:
-    """Write OUTPUT/<model_name>/ for `artifact` (.onnx, or an evit-deploy .plan/.engine)."""
+    """Write OUTPUT/<model_name>/ for `artifact` (.onnx, or an evit-deploy .plan/.engine).
+    platform openvino (an .onnx): Triton's OpenVINO backend on the CPU, at `precision` (fp32,
+    bf16), with `threads` inference threads per instance (default: all)."""
     artifact = Path(artifact)
     output = Path(output)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", model_name) or model_name in (".", ".."):
@@ -182,6 +206,19 @@ def write_triton_repo(
         raise UsageError("--max-queue-delay-us and --max-queue must be >= 0")
     if kind not in KINDS:
         raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'")
+    if platform not in PLATFORMS:
+        raise UsageError(f"--platform must be one of {', '.join(PLATFORMS)}, got '{platform}'")
+    openvino = platform == "openvino"
+    if threads is not None and threads <= 0:
+        raise UsageError(f"--threads must be positive, got {threads}")
+    if not openvino and precision != "fp32":
+        raise UsageError(f"--precision {precision} is for --platform openvino (other platforms serve the artifact's own precision)")
+    if openvino and (artifact.suffix.lower() != ".onnx" or kind == "gpu"):
+        raise UsageError("--platform openvino serves an .onnx artifact on the CPU (--kind cpu or auto)")
+    if openvino and precision != "fp32":
+        from evit_deploy.runtime.openvino_backend import check_precision
+
+        check_precision(precision)
     if not artifact.exists():
         raise EvitDeployError(f"artifact not found: {artifact}")
     if output.exists() and not output.is_dir():
@@ -194,9 +231,13 @@ def write_triton_repo(
     suffix = artifact.suffix.lower()
     if suffix == ".onnx":
         meta, inputs, outputs = _onnx_spec(artifact)
-        platform, model_file = "onnxruntime_onnx", "model.onnx"
-        triton_kind = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}[kind]
+        platform, model_file = ("openvino" if openvino else "onnxruntime_onnx"), "model.onnx"
+        triton_kind = "KIND_CPU" if openvino else {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}[kind]
+        if openvino and precision == "bf16":
+            model_file = "model.xml"
     elif suffix in (".plan", ".engine"):
+        if platform == "onnxruntime":
+            raise UsageError("--platform onnxruntime needs the .onnx artifact, not an engine")
         meta, inputs, outputs, header = _plan_spec(artifact)
         platform, model_file = "tensorrt_plan", "model.plan"
         if kind == "cpu":
@@ -239,6 +280,13 @@ def write_triton_repo(
                 raise EvitDeployError(f"{artifact.name}: output '{tensor.name}' has dims {tensor.dims}, expected [{meta.num_classes}]")
             tensor.label_filename = LABELS_FILE
 
+    parameters = {}
+    if openvino:
+        parameters = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}  # one stream per instance
+        if threads:
+            parameters["INFERENCE_NUM_THREADS"] = str(threads)
+        if precision == "bf16":
+            parameters["HINT_BF16"] = "YES"
     spec = TritonModelSpec(
         name=model_name,
         platform=platform,
@@ -250,6 +298,8 @@ def write_triton_repo(
         preferred_batch_sizes=sorted(set(preferred)),
         max_queue_delay_us=max_queue_delay_us,
         max_queue_size=max_queue,
+        default_model_filename="model.onnx" if model_file == "model.onnx" and openvino else "",
+        parameters=parameters,
     )
 
     output.mkdir(parents=True, exist_ok=True)
@@ -267,6 +317,12 @@ def write_triton_repo(
 
             _, plan = read_engine(artifact)
             (tmp / "1" / model_file).write_bytes(plan)
+        elif model_file == "model.xml":
+            from evit_deploy.runtime.openvino_backend import pin_score_path, read_model, save_ir
+
+            ir, _ = read_model(artifact)
+            pin_score_path(ir)
+            save_ir(ir, meta, tmp / "1" / model_file)
         else:
             shutil.copyfile(artifact, tmp / "1" / model_file)
         if model_dir.exists():

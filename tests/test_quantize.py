@@ -1,0 +1,166 @@
+"""`evit-deploy quantize`: INT8 with the TopK score path left in float, validated against the FP32
+file by export's machinery; a precision that misses a gate is one line and no file.
+
+Random weights: top-1 agreement means little here, so the gate LOGIC is tested with a deliberately
+broken quantization (the score path quantized too, activation ranges calibrated on black images)
+that must fail the real INT8 gates, and a correct one whose numbers are reported under gates
+loose enough to pass.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from conftest import TINY, assert_one_line_error, config_for, fresh_model, run_cli
+from evit_deploy.data.shapes import CLASSES, write_dataset
+from evit_deploy.errors import UsageError
+from evit_deploy.export import export_onnx
+from evit_deploy.export.onnx import read_onnx_metadata
+from evit_deploy.export.quantize import GatesMissed, calibration_set, quantize_onnx
+from evit_deploy.export.score_path import score_path_nodes
+from evit_deploy.export.validate import GATES, Gates
+from evit_deploy.runtime import Predictor
+
+REPORTED = Gates("int8", 0.0, 0.0, 100.0)  # every number measured and reported, nothing gated
+
+
+@pytest.fixture(scope="module")
+def shapes_onnx(tmp_path_factory):
+    """An 8-class deit_tiny EViT named with the shapes classes (so held-out accuracy is known)."""
+    model = fresh_model(config_for(TINY, num_classes=len(CLASSES)), seed=5)
+    model.classes = list(CLASSES)
+    path = tmp_path_factory.mktemp("int8") / "shapes_tiny.onnx"
+    export_onnx(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes_data")
+    write_dataset(root / "calibration", 8, seed=1)
+    write_dataset(root / "held_out", 16, seed=2)
+    black = root / "black"
+    black.mkdir()
+    for i in range(4):
+        Image.new("RGB", (224, 224)).save(black / f"black{i}.png")
+    return root
+
+
+def test_score_path_found_by_structure_not_names(shapes_onnx):
+    model = onnx.load(str(shapes_onnx))
+    nodes = {node.name: node.op_type for node in model.graph.node}
+    found = score_path_nodes(model)
+    kinds = sorted(nodes[name] for name in found)
+    assert kinds.count("TopK") == 3 and kinds.count("Softmax") == 3 and kinds.count("MatMul") == 3
+    assert kinds.count("ReduceMean") == 3
+    # renamed (and unnamed) nodes: the same nodes, by position
+    renamed = onnx.load(str(shapes_onnx))
+    order = {node.name: i for i, node in enumerate(renamed.graph.node)}
+    for node in renamed.graph.node:
+        node.name = "" if random.Random(node.name).random() < 0.3 else f"n{random.Random(node.name).random()}"
+    again = score_path_nodes(renamed)
+    assert sorted(order[name] for name in found) == sorted(
+        i for i, node in enumerate(renamed.graph.node) if node.name in set(again)
+    )
+    assert all(node.name for node in renamed.graph.node)  # unnamed nodes got names
+
+
+def test_correct_int8_is_written_with_its_numbers_and_provenance(shapes_onnx, folders, tmp_path):
+    out = tmp_path / "dynamic.int8.onnx"
+    result = quantize_onnx(
+        shapes_onnx, out, method="dynamic", validate_dir=folders / "held_out", gates=REPORTED
+    )
+    assert out.is_file() and result.report.passed
+    held_out = result.report.cases[-1]
+    assert held_out.name.startswith("held_out/") and held_out.batch == 16 and held_out.gated
+    assert len(held_out.kept_identical) == 3 and held_out.accuracy is not None
+    assert held_out.reference_accuracy is not None
+    meta = read_onnx_metadata(out)
+    assert meta.precision == "int8" and meta.classes == list(CLASSES)
+    q = meta.quantization
+    assert q["method"] == "dynamic" and q["calibration"] is None and q["weights"] == "int8 per channel"
+    assert q["fp32_nodes"] == {"topk_score_path": len(result.excluded)} and len(result.excluded) >= 15
+    assert q["validation"]["passed"] and not q["accepted_failed_gates"]
+    # the score path is still float: its nodes are there, none reads an INT8 tensor
+    graph = onnx.load(str(out)).graph
+    names = {node.name: node.op_type for node in graph.node}
+    assert all(name in names for name in result.excluded)
+    assert any(op in ("MatMulInteger", "DynamicQuantizeLinear") for op in names.values())
+    # both CPU backends run it and report it as INT8
+    predictor = Predictor(out, "onnxruntime", "cpu")
+    assert predictor.backend.precision == "int8"
+    images = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    logits = predictor.logits(images)
+    pytest.importorskip("openvino")
+    on_openvino = Predictor(out, "openvino")
+    assert on_openvino.backend.precision == "int8"
+    assert on_openvino.logits(images).shape == logits.shape
+
+
+def test_broken_int8_misses_the_gates_and_writes_nothing(shapes_onnx, folders, tmp_path):
+    out = tmp_path / "broken.int8.onnx"
+    with pytest.raises(GatesMissed) as info:
+        quantize_onnx(
+            shapes_onnx, out, method="static", calibration_dir=folders / "black",
+            validate_dir=folders / "held_out", exclude_score_path=False,
+        )
+    message = str(info.value)
+    assert "\n" not in message and "nothing written" in message and "--accept-failed-gates" in message
+    assert "first drop block keeps the same tokens" in message or "top-1 agreement" in message
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    held_out = info.value.report.cases[-1]
+    assert not held_out.passed and held_out.gates == GATES["int8"]
+    # written when the user explicitly accepts, and the metadata says so
+    accepted = quantize_onnx(
+        shapes_onnx, out, method="static", calibration_dir=folders / "black",
+        validate_dir=folders / "held_out", exclude_score_path=False, accept_failed_gates=True,
+    )
+    meta = read_onnx_metadata(out)
+    assert not accepted.report.passed and meta.quantization["accepted_failed_gates"]
+    assert meta.quantization["validation"]["missed"] and not meta.quantization["validation"]["passed"]
+    calibration = meta.quantization["calibration"]
+    assert calibration["images"] == 4 and calibration["folder"].endswith("black")
+    assert calibration["files_sha256"] == calibration_set(folders / "black").digest
+    assert meta.quantization["fp32_nodes"] == {"topk_score_path": 0}
+
+
+def test_cli_one_line_when_a_gate_is_missed(shapes_onnx, folders, tmp_path):
+    out = tmp_path / "cli.int8.onnx"
+    proc = run_cli(
+        "quantize", shapes_onnx, "--method", "dynamic", "--validate-dir", folders / "held_out", "-o", out,
+        timeout=600,
+    )
+    if proc.returncode == 0:  # random weights passed the real gates: then its table was printed
+        assert "pass" in proc.stdout and out.is_file()
+        return
+    line = assert_one_line_error(proc, 1, "int8 (dynamic) missed the precision gates, nothing written")
+    assert "--accept-failed-gates" in line
+    assert "Validation: INT8 (dynamic) vs FP32" in proc.stdout and "FAIL" in proc.stdout
+    assert not out.exists()
+
+
+def test_usage_errors_before_any_work(shapes_onnx, folders, tmp_path):
+    held_out = folders / "held_out"
+    with pytest.raises(UsageError, match="--validate-dir"):
+        quantize_onnx(shapes_onnx, tmp_path / "a.onnx", method="dynamic")
+    with pytest.raises(UsageError, match="--calibration DIR"):
+        quantize_onnx(shapes_onnx, tmp_path / "a.onnx", method="static", validate_dir=held_out)
+    with pytest.raises(UsageError, match="--method must be one of"):
+        quantize_onnx(shapes_onnx, tmp_path / "a.onnx", method="fp4", validate_dir=held_out)
+    proc = run_cli("quantize", shapes_onnx, "--method", "static", "--validate-dir", held_out, "-o", tmp_path / "b.onnx")
+    assert_one_line_error(proc, 2, "--calibration DIR")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_set_is_spread_and_digested(folders):
+    full = calibration_set(folders / "held_out", None)
+    part = calibration_set(folders / "held_out", 4)
+    assert len(full.files) == 16 and len(part.files) == 4 and set(part.files) <= set(full.files)
+    assert part.digest != full.digest and part.digest == calibration_set(folders / "held_out", 4).digest
+    assert json.dumps(part.to_dict())
