@@ -250,19 +250,29 @@ def test_precheck_accepts_constant_k(tmp_path):
 def test_precheck_names_every_problem_in_one_line(tmp_path):
     custom = helper.make_node("FancyOp", ["images"], ["fancy"], name="fancy", domain="com.example")
     unique = helper.make_node("Unique", ["images"], ["u"], name="uniq")
-    model = topk_graph("computed", sorted_flag=0, extra_nodes=[custom, unique])
+    model = topk_graph("initializer", k=TOPK_MAX_K + 1, sorted_flag=0, extra_nodes=[custom, unique])
     onnx.save(model, str(tmp_path / "bad.onnx"))
     with pytest.raises(EvitDeployError) as caught:
         precheck_onnx(tmp_path / "bad.onnx")
     message = str(caught.value)
     assert "\n" not in message and message.startswith("TensorRT cannot build bad.onnx: ")
     for fragment in (
-        "K computed at run time",
+        f"K={TOPK_MAX_K + 1}, above TensorRT's TopK limit of {TOPK_MAX_K}",
         "sorted=0",
         "FancyOp node 'fancy' is from custom domain 'com.example'",
         "Unique node 'uniq' is not supported",
     ):
         assert fragment in message
+
+
+def test_precheck_accepts_a_run_time_k_with_a_warning(tmp_path):
+    """TensorRT 10+ takes TopK's K as a tensor (ITopKLayer: "both static and dynamic k"); only
+    its limit of 3840 cannot be checked before run time."""
+    onnx.save(topk_graph("computed"), str(tmp_path / "dynamic_k.onnx"))
+    assert tensorrt_problems(topk_graph("computed").graph) == []
+    with pytest.warns(UserWarning, match=f"computed at run time; TensorRT 10\\+ accepts that, but fails at run time if K exceeds {TOPK_MAX_K}"):
+        check = precheck_onnx(tmp_path / "dynamic_k.onnx")
+    assert check.input_name == "images"
 
 
 def test_precheck_topk_limit():
