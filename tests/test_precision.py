@@ -292,3 +292,32 @@ def test_unnamed_nodes_can_be_islands():
     result = convert_to_fp16(source)
     assert len(result.fp32_nodes) == 5 and all(result.fp32_nodes)
     run(result.model, np.zeros((1, 4, 4), np.float32))
+
+
+def test_the_onnxruntime_backend_takes_the_fp16_onnx_as_it_is(graphs, images, tmp_path, monkeypatch):
+    """The backend reports the graph's precision (its I/O is float32 either way) and hands every
+    provider, TensorRT and CUDA included, the file itself with no FP16 option: the graph's types
+    are the precision. Runs here on the CPU provider."""
+    from evit_deploy.export.onnx import stamp_metadata
+    from evit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    proto = convert_to_fp16(graphs["torchscript-slim"]).model
+    stamp_metadata(proto, ArtifactMetadata.from_config(CONFIG, with_token_indices=True))
+    path = tmp_path / "tiny_fp16.onnx"
+    onnx.save(proto, str(path))
+    sessions = []
+    real_session = ort.InferenceSession
+
+    def recording_session(model, options=None, providers=None, **kwargs):
+        sessions.append((model, providers, kwargs))
+        return real_session(model, options, providers=["CPUExecutionProvider"])
+
+    gpu_providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu_providers)
+    monkeypatch.setattr(ort, "InferenceSession", recording_session)
+    backend = OnnxRuntimeBackend(path)
+    assert sessions == [(str(path), gpu_providers, {})]  # names only: no provider options
+    assert backend.precision == "fp16"
+    logits = backend.run(images)
+    assert logits.dtype == np.float32
+    np.testing.assert_allclose(logits, run(proto, images)[0], rtol=0, atol=1e-6)
