@@ -520,6 +520,7 @@ def build_engine_command(
     fp32_layers: Optional[list[str]] = typer.Option(None, "--fp32-layers", metavar="PATTERN", help="Converting an FP32 ONNX: also keep ONNX nodes in FP32 whose name contains this text (or matches this glob); repeatable."),
     fp32_topk_scores: bool = typer.Option(True, "--fp32-topk-scores/--fp16-topk-scores", help="Converting an FP32 ONNX: keep the class-attention scores that TopK ranks in FP32."),
     fp32_layernorm: bool = typer.Option(False, "--fp32-layernorm/--fp16-layernorm", help="Converting an FP32 ONNX: keep every LayerNorm in FP32."),
+    detailed_profile: bool = typer.Option(False, "--detailed-profile", help="Keep per-layer details (types, precisions) in the engine for TensorRT's engine inspector."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Engine path (default: MODEL.fp16.plan or MODEL.fp32.plan)."),
     force: bool = typer.Option(False, help="Replace an existing engine."),
     device: Optional[str] = typer.Option(None, help="cuda or cuda:N (default: the current GPU)."),
@@ -537,6 +538,7 @@ def build_engine_command(
         fp32_layers=tuple(fp32_layers or ()),
         fp32_islands=tuple(islands),
         timing_cache=str(timing_cache) if timing_cache else "",
+        detailed_profile=detailed_profile,
     )
     with err_console.status(f"building an engine from {model.name}") as status:
         result = build_engine(model, output, settings, force, device, on_step=status.update)

@@ -572,6 +572,43 @@ def test_unmatched_node_pattern_is_a_usage_error(traced_onnx, tmp_path, fake_bui
         engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings)
 
 
+def test_detailed_profile_for_the_engine_inspector(traced_onnx, tmp_path, fake_build_environment):
+    trt = fake_build_environment("11.1.0")
+    settings = BuildSettings(detailed_profile=True, timing_cache=str(tmp_path / "c"))
+    engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings)
+    assert trt.builders[-1].config.profiling_verbosity == trt.ProfilingVerbosity.DETAILED
+    engines_trt.build_engine(traced_onnx, tmp_path / "u.plan", BuildSettings(timing_cache=str(tmp_path / "c")))
+    assert trt.builders[-1].config.profiling_verbosity == trt.ProfilingVerbosity.LAYER_NAMES_ONLY
+
+
+def test_island_precisions_read_from_inspector_layers(traced_onnx):
+    """The check gpu_check.sh runs on a real engine, here on inspector JSON written by hand in
+    the format Polygraphy reads (Name, Inputs/Outputs with Name and Format/Datatype)."""
+    from evit_deploy.engines.layer_precisions import check_island_precisions, island_tensors
+    from evit_deploy.export.precision import convert_to_fp16
+
+    conversion = convert_to_fp16(onnx.load(str(traced_onnx)))
+    tensors = island_tensors(conversion.model, conversion.fp32_nodes)
+    by_node = {node: tensor for tensor, node in tensors.items()}
+    assert len(tensors) == 21  # one float output per island node (TopK's indices are not float)
+    softmax, mean, topk = (by_node[f"/blocks.3/{n}"] for n in ("attn/Softmax", "attn/ReduceMean", "TopK"))
+
+    def tensor(name, kind):
+        return {"Name": name, "Dimensions": [-1, 3, 17, 17], "Format/Datatype": kind}
+
+    layers = [
+        {"Name": "/blocks.3/attn/Softmax", "LayerType": "SoftMax", "Inputs": [tensor("x", "Half")],
+         "Outputs": [tensor(softmax, "Row major linear FP32")]},
+        {"Name": "/blocks.3/TopK", "LayerType": "TopK", "Inputs": [tensor(mean, "Float")], "Outputs": [tensor(topk, "Row major linear FP32")]},
+    ]
+    result = check_island_precisions(layers, tensors)
+    assert result.passed and set(result.fp32) == {softmax, mean, topk} and len(result.not_visible) == 18
+    layers[1]["Inputs"] = [tensor(mean, "Row major linear FP16 format")]
+    result = check_island_precisions(layers, tensors)
+    assert not result.passed and result.not_fp32 == {mean: "Row major linear FP16 format"}
+    assert "1 NOT FP32" in result.summary() and "18 inside fused layers" in result.summary()
+
+
 # Fix 1: the engine first, the timing cache best effort
 
 

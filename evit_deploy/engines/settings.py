@@ -65,6 +65,9 @@ class BuildSettings:
     # FP32 islands of that conversion (evit_deploy.export.precision.ISLANDS)
     fp32_islands: tuple[str, ...] = DEFAULT_ISLANDS
     timing_cache: str = ""  # "" : the default cache file for this TensorRT version and GPU
+    # ProfilingVerbosity.DETAILED: per-layer names, types and formats in the plan, for the engine
+    # inspector (benchmarks/trt_layer_precisions.py reads the FP32 islands' precisions with it)
+    detailed_profile: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

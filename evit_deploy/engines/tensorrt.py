@@ -415,6 +415,8 @@ def build_engine(
         # TF32 would round FP32 matrix multiplies to FP16's 10-bit mantissa, FP32 islands
         # included: off. (BuilderFlag.TF32 exists in TensorRT 10 and 11, "enabled by default".)
         config.clear_flag(trt.BuilderFlag.TF32)
+        if settings.detailed_profile:  # ProfilingVerbosity.DETAILED: TensorRT 10 and 11
+            config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         cache = _load_timing_cache(config, cache_path)
         monitor = _progress_monitor(trt, on_step, logger)
         config.progress_monitor = monitor
