@@ -609,6 +609,24 @@ def test_island_precisions_read_from_inspector_layers(traced_onnx):
     assert "1 NOT FP32" in result.summary() and "18 inside fused layers" in result.summary()
 
 
+def test_baseline_engine_gets_the_islands_of_an_fp16_export(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
+    """The plain-ViT engine `bench` compares with is converted with the EViT engine's islands,
+    also when those came from an FP16 ONNX (here a stand-in for the baseline ONNX: the same file)."""
+    from evit_deploy.export.precision import convert_to_fp16
+    from evit_deploy.runtime import baseline
+
+    fp16_onnx = tmp_path / "tiny_fp16.onnx"
+    onnx.save(convert_to_fp16(onnx.load(str(traced_onnx)), ("topk_scores", "layernorm")).model, str(fp16_onnx))
+    fake_build_environment()
+    engine = engines_trt.build_engine(fp16_onnx, tmp_path / "evit.plan").path
+    plain = tmp_path / "cache" / "plain.onnx"
+    plain.parent.mkdir(parents=True, exist_ok=True)
+    plain.write_bytes(traced_onnx.read_bytes())
+    monkeypatch.setattr(baseline, "baseline_onnx", lambda metadata: plain)
+    header = read_engine_header(engines_trt.build_baseline_engine(engine))
+    assert header.fp32_islands == ["topk_scores", "layernorm"] and header.settings.fp32_islands == ("topk_scores", "layernorm")
+
+
 # Fix 1: the engine first, the timing cache best effort
 
 

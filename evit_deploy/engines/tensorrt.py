@@ -17,6 +17,7 @@ so everything else works without it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -464,18 +465,21 @@ def build_baseline_engine(engine_path: str | Path, device: str | None = None) ->
     """The plain-ViT (keep_rate 1.0) engine of the same weights, built with the same settings as
     `engine_path`, cached next to the cached baseline ONNX and reused while TensorRT, the GPU and
     the settings stay the same."""
+    from evit_deploy.export.precision import ISLANDS
     from evit_deploy.runtime.baseline import baseline_onnx
 
     header = read_engine_header(engine_path)
     trt, gpu = require_tensorrt_gpu(device, "the TensorRT baseline")
     onnx_path = baseline_onnx(header.metadata)
-    key = json.dumps([header.settings.to_dict(), trt.__version__, gpu.compute_capability, gpu.name])
+    settings = header.settings
+    islands = tuple(kind for kind in header.fp32_islands if kind in ISLANDS)
+    if header.precision == "fp16" and islands:  # the engine's islands (from export, if it was FP16)
+        settings = dataclasses.replace(settings, fp32_islands=islands)
+    key = json.dumps([settings.to_dict(), trt.__version__, gpu.compute_capability, gpu.name])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     target = onnx_path.with_name(f"{onnx_path.stem}_{digest}.plan")
     if not target.exists():  # written atomically: an existing file is a complete engine
-        build_engine(
-            onnx_path, target, header.settings, force=True, device=device, require_layer_matches=False
-        )
+        build_engine(onnx_path, target, settings, force=True, device=device, require_layer_matches=False)
     return target
 
 
