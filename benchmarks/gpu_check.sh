@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# One-shot GPU check of evit-deploy, run from the source tree (no install):
+# One-shot GPU check of evit-deploy, run from the source tree (no install), under 10 minutes:
 #   1. evit-deploy doctor
-#   2. PyTorch CUDA fp16, eager and torch.compile: deit_small EViT keep 0.7 vs plain ViT at batch 64
-#      (throughput, speed-up, top-1 and kept-token agreement with fp32)
-#   3. FP16 and EViT's token choice: FP16 scores vs FP32 scores (PyTorch on the GPU)
-#   4. where TensorRT is installed: export, build-engine (fp16), bench against the plain-ViT engine
-#      built with the same settings, and kept tokens with the TopK scores in FP32 vs FP16
+#   2. where TensorRT is installed (TensorRT first: it is what this script exists for):
+#      export (FP32, token indices; onnxslim not needed), build-engine FP16 (strongly typed, the
+#      graph converted with FP32 TopK-score islands, --detailed-profile), the islands' precision
+#      read back with the engine inspector (fails if one is not FP32), an FP32 engine, kept tokens
+#      and top-1 of both engines against FP32 ONNX Runtime at batch 1, 7, 64 and 128 (before the
+#      bench: NVIDIA/TensorRT#2299), then bench against the plain-ViT engine built with the same
+#      settings, and if time remains the FP16 engine without the score islands
+#   3. PyTorch CUDA fp16, eager and torch.compile: deit_small EViT keep 0.7 vs plain ViT at batch 64
+#   4. FP16 and EViT's token choice: FP16 scores vs FP32 scores (PyTorch on the GPU)
 # Parts whose requirements are missing are skipped with one line saying why; the whole run stays
-# within GPU_CHECK_BUDGET_S seconds (default 450, under 8 minutes).
+# within GPU_CHECK_BUDGET_S seconds (default 570, 9.5 minutes).
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]     (default: $OUT/gpu_check, else a temp folder)
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -21,7 +25,7 @@ WORK="$(mktemp -d -t evit-gpu-work-XXXX)"  # ONNX files and engines: large, not 
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONPATH="$ROOT:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 export EVIT_DEPLOY_CACHE="$WORK/cache"
-BUDGET="${GPU_CHECK_BUDGET_S:-450}"
+BUDGET="${GPU_CHECK_BUDGET_S:-570}"
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"
 else PY=python3
@@ -62,7 +66,7 @@ say "python: $PY; results: $RESULTS"
 PREFLIGHT="$("$PY" -c "
 import sys
 sys.modules.update(onnxslim=None, safetensors=None)
-import torch, evit_deploy.cli, gpu_torch_fp16, fp16_topk_scores, trt_kept_tokens
+import torch, evit_deploy.cli, gpu_torch_fp16, fp16_topk_scores, trt_kept_tokens, trt_layer_precisions
 print(torch.__version__)
 print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
 ")" || { echo "gpu_check: $PY cannot import torch, evit_deploy and the helpers from $ROOT (set PYTHON)" >&2; exit 1; }
@@ -74,38 +78,52 @@ say "torch $TORCH; helpers import without onnxslim and safetensors"
 step doctor 90 20 "$PY" -m evit_deploy doctor
 "$PY" -m evit_deploy doctor --json > "$RESULTS/doctor.json" 2>/dev/null
 
+tensorrt_steps() {
+    local onnx="$WORK/deit_small_keep0.7.onnx" fp16="$WORK/evit.fp16.plan" fp32="$WORK/evit.fp32.plan"
+    local engine_args=(--opt-batch 64 --max-batch 128)
+    step export 150 40 "$PY" -m evit_deploy export --model deit_small_patch16_224 --keep-rate 0.7 \
+        --with-token-indices -o "$onnx" || return
+    step build-engine-fp16 200 60 "$PY" -m evit_deploy build-engine "$onnx" -o "$fp16" "${engine_args[@]}" \
+        --detailed-profile --json || return
+    # Strongly typed: the score islands must be FP32 in the engine itself (exit 1 otherwise).
+    step tensorrt-layer-precisions 60 15 "$PY" benchmarks/trt_layer_precisions.py "$onnx" "$fp16" \
+        --json "$RESULTS/tensorrt_layer_precisions.json"
+    local engines=("$fp16")
+    if step build-engine-fp32 150 60 "$PY" -m evit_deploy build-engine "$onnx" -o "$fp32" --fp32 "${engine_args[@]}"; then
+        engines+=("$fp32")
+    fi
+    # Before the bench: kept tokens at batch 1, 7, 64, 128 (TopK -> Gather, NVIDIA/TensorRT#2299).
+    step tensorrt-kept-tokens 90 20 "$PY" benchmarks/trt_kept_tokens.py "$onnx" "${engines[@]}" \
+        --images 128 --batches 1,7,64,128 --json "$RESULTS/tensorrt_kept_tokens.json"
+    step tensorrt-bench 200 90 "$PY" -m evit_deploy bench "$fp16" --batch 64 \
+        --min-seconds 2 --json "$RESULTS/tensorrt_bench.json"
+    step build-engine-fp16-scores 150 60 "$PY" -m evit_deploy build-engine "$onnx" \
+        -o "$WORK/evit.fp16-scores.plan" "${engine_args[@]}" --fp16-topk-scores \
+        && step tensorrt-kept-tokens-fp16-scores 60 20 "$PY" benchmarks/trt_kept_tokens.py "$onnx" \
+            "$WORK/evit.fp16-scores.plan" --images 128 --batches 64 --min-top1 0 --min-consistency 0 \
+            --json "$RESULTS/tensorrt_kept_tokens_fp16_scores.json"
+    return 0
+}
+
 if [ -z "$CUDA" ]; then
+    skip "tensorrt" "no CUDA GPU"
     skip "pytorch-cuda-fp16" "no CUDA GPU visible to PyTorch $TORCH (eager and torch.compile)"
     skip "fp16-topk-scores" "no CUDA GPU (on CPU: python benchmarks/fp16_topk_scores.py --device cpu, minutes)"
-    skip "tensorrt" "no CUDA GPU"
 else
     say "GPU: $CUDA"
-    # 2. PyTorch CUDA fp16, eager, then compiled (separately: a failing compiler keeps the eager numbers).
+    # 2. TensorRT (export works without onnxslim: it only skips the simplification).
+    if ! has_module tensorrt; then
+        skip "tensorrt" "TensorRT is not installed (pip install 'tensorrt>=10,<12')"
+    else
+        tensorrt_steps
+    fi
+    # 3. PyTorch CUDA fp16, eager, then compiled (separately: a failing compiler keeps the eager numbers).
     step pytorch-cuda-fp16-eager 120 40 "$PY" benchmarks/gpu_torch_fp16.py --batch 64 --modes eager \
         --json "$RESULTS/pytorch_cuda_fp16_eager.json"
     step pytorch-cuda-fp16-compile 200 90 "$PY" benchmarks/gpu_torch_fp16.py --batch 64 --modes compile \
         --json "$RESULTS/pytorch_cuda_fp16_compile.json"
-    # 3. FP16 vs FP32 class-attention scores (kept tokens).
+    # 4. FP16 vs FP32 class-attention scores (kept tokens).
     step fp16-topk-scores 90 30 "$PY" benchmarks/fp16_topk_scores.py --device cuda --images 256 --json "$RESULTS/fp16_topk_scores.json"
-    # 4. TensorRT.
-    if ! has_module tensorrt; then
-        skip "tensorrt" "TensorRT is not installed (pip install 'tensorrt>=10,<11')"
-    elif ! has_module onnxslim; then
-        skip "tensorrt" "onnxslim is not installed and export needs it (pip install onnxslim)"
-    else
-        ONNX="$WORK/deit_small_keep0.7.onnx"
-        if step export 150 60 "$PY" -m evit_deploy export --model deit_small_patch16_224 --keep-rate 0.7 \
-                --with-token-indices -o "$ONNX" \
-            && step build-engine 240 60 "$PY" -m evit_deploy build-engine "$ONNX" -o "$WORK/evit.fp16.plan" \
-                --opt-batch 64 --max-batch 128; then
-            step tensorrt-bench 300 120 "$PY" -m evit_deploy bench "$WORK/evit.fp16.plan" --batch 64 \
-                --min-seconds 2 --json "$RESULTS/tensorrt_bench.json"
-            step build-engine-fp16-scores 200 60 "$PY" -m evit_deploy build-engine "$ONNX" \
-                -o "$WORK/evit.fp16-scores.plan" --opt-batch 64 --max-batch 128 --fp16-topk-scores \
-                && step tensorrt-kept-tokens 90 20 "$PY" benchmarks/trt_kept_tokens.py "$ONNX" \
-                    "$WORK/evit.fp16.plan" "$WORK/evit.fp16-scores.plan" --json "$RESULTS/tensorrt_kept_tokens.json"
-        fi
-    fi
 fi
 
 echo

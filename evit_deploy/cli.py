@@ -685,31 +685,35 @@ def quantize(
 
 @command(name="build-engine")
 def build_engine_command(
-    model: Path = typer.Argument(..., metavar="MODEL.onnx", help="An ONNX exported with `evit-deploy export`."),
-    fp16: bool = typer.Option(True, "--fp16/--fp32", help="FP16 where the GPU has fast FP16 (TopK scores stay FP32), or FP32 throughout (TF32 off)."),
+    model: Path = typer.Argument(..., metavar="MODEL.onnx", help="An ONNX exported with `evit-deploy export` (FP32, or FP16 from `export --precision fp16`)."),
+    fp16: bool = typer.Option(True, "--fp16/--fp32", help="FP16 where the GPU has fast FP16: an FP32 ONNX is converted to FP16 with FP32 islands first, an FP16 ONNX builds as it is; or FP32 throughout (TF32 off). Always a strongly typed network."),
     min_batch: int = typer.Option(1, help="Smallest batch the engine accepts."),
     opt_batch: int = typer.Option(64, help="Batch size the kernels are tuned for."),
     max_batch: int = typer.Option(128, help="Largest batch the engine accepts (the Predictor splits larger ones)."),
     workspace: Optional[float] = typer.Option(None, metavar="GB", help="TensorRT workspace limit in GB (default: the GPU's memory)."),
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file, reused and updated (default: one per TensorRT version and GPU in the evit-deploy cache)."),
-    fp32_layers: Optional[list[str]] = typer.Option(None, "--fp32-layers", metavar="PATTERN", help="Also keep layers in FP32 whose name contains this text (or matches this glob); repeatable."),
-    fp32_topk_scores: bool = typer.Option(True, "--fp32-topk-scores/--fp16-topk-scores", help="Keep the class-attention scores that TopK ranks in FP32."),
+    fp32_layers: Optional[list[str]] = typer.Option(None, "--fp32-layers", metavar="PATTERN", help="Converting an FP32 ONNX: also keep ONNX nodes in FP32 whose name contains this text (or matches this glob); repeatable."),
+    fp32_topk_scores: bool = typer.Option(True, "--fp32-topk-scores/--fp16-topk-scores", help="Converting an FP32 ONNX: keep the class-attention scores that TopK ranks in FP32."),
+    fp32_layernorm: bool = typer.Option(False, "--fp32-layernorm/--fp16-layernorm", help="Converting an FP32 ONNX: keep every LayerNorm in FP32."),
+    detailed_profile: bool = typer.Option(False, "--detailed-profile", help="Keep per-layer details (types, precisions) in the engine for TensorRT's engine inspector."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Engine path (default: MODEL.fp16.plan or MODEL.fp32.plan)."),
     force: bool = typer.Option(False, help="Replace an existing engine."),
     device: Optional[str] = typer.Option(None, help="cuda or cuda:N (default: the current GPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Build a TensorRT engine (dynamic batch, FP16 by default) carrying the model's metadata."""
+    """Build a TensorRT engine (strongly typed, dynamic batch, FP16 by default) carrying the model's metadata."""
     from evit_deploy.engines.settings import BatchProfile, BuildSettings
     from evit_deploy.engines.tensorrt import build_engine
 
+    islands = [name for name, wanted in (("topk_scores", fp32_topk_scores), ("layernorm", fp32_layernorm)) if wanted]
     settings = BuildSettings(
         precision="fp16" if fp16 else "fp32",
         profile=BatchProfile(min_batch, opt_batch, max_batch),
         workspace_gb=workspace,
         fp32_layers=tuple(fp32_layers or ()),
-        fp32_topk_scores=fp32_topk_scores,
+        fp32_islands=tuple(islands),
         timing_cache=str(timing_cache) if timing_cache else "",
+        detailed_profile=detailed_profile,
     )
     with err_console.status(f"building an engine from {model.name}") as status:
         result = build_engine(model, output, settings, force, device, on_step=status.update)
@@ -722,6 +726,8 @@ def build_engine_command(
                     "size_bytes": result.size_bytes,
                     "seconds": result.seconds,
                     "timing_cache": str(result.timing_cache),
+                    "timing_cache_saved": result.timing_cache_saved,
+                    "converted_to_fp16": result.converted,
                     "tensorrt_warnings": result.tensorrt_warnings,
                     "header": header.to_dict(),
                 },
@@ -732,15 +738,16 @@ def build_engine_command(
     profile = header.settings.profile
     console.print(
         f"[bold green]built[/] {result.path} ({result.size_bytes / 2**20:.1f} MiB, "
-        f"{header.precision}, {result.seconds:.0f} s)"
+        f"{header.precision}, strongly typed, {result.seconds:.0f} s)"
     )
     console.print(f"for             TensorRT {header.tensorrt_version}, {header.gpu_name} (compute capability {header.compute_capability})")
     console.print(f"batch profile   min {profile.min}, opt {profile.opt}, max {profile.max}; input {header.input_shape}")
     if header.precision == "fp16":
-        asked = [("TopK score paths", settings.fp32_topk_scores), ("--fp32-layers", bool(settings.fp32_layers))]
-        reasons = " and ".join(name for name, wanted in asked if wanted) or "none asked for"
-        console.print(f"FP32 layers     {len(header.fp32_layers)} ({reasons})")
-    console.print(f"timing cache    {result.timing_cache}")
+        source = "converted here from FP32" if result.converted else "FP16 graph as exported"
+        islands = ", ".join(header.fp32_islands) or "none"
+        console.print(f"FP32 islands    {islands}: {len(header.fp32_layers)} nodes ({source})")
+    cache_note = "" if result.timing_cache_saved else " (not saved)"
+    console.print(f"timing cache    {result.timing_cache}{cache_note}")
     for message in result.tensorrt_warnings[:5]:
         err_console.print(f"[yellow]TensorRT:[/] {escape(message)}", highlight=False)
     if len(result.tensorrt_warnings) > 5:

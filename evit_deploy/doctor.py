@@ -154,7 +154,7 @@ def capabilities(report: DoctorReport) -> tuple[list[Capability], list[Capabilit
             "load .safetensors",
             None if works["safetensors"] else "pip install safetensors (.pth/.pt load without it)",
         ),
-        capability("build-engine --fp16", "FP16, TopK scores kept in FP32", no_torch, no_gpu, no_tensorrt, no_fast_fp16),
+        capability("build-engine --fp16", "FP16, strongly typed, TopK scores kept in FP32 in the graph", no_torch, no_gpu, no_tensorrt, no_fast_fp16),
         capability("build-engine --fp32", "FP32", no_torch, no_gpu, no_tensorrt),
         capability(
             "quantize (int8)",

@@ -70,7 +70,7 @@ def test_a_complete_gpu_machine_can_do_everything():
 def test_missing_pieces_say_what_to_install():
     report = report_with({"tensorrt": (None, ""), "onnxslim": (None, ""), "safetensors": (None, "")}, providers=["CPUExecutionProvider"])
     backends, actions = by_name(report.backends), by_name(report.actions)
-    assert not backends["tensorrt"].available and "pip install 'tensorrt>=10,<11'" in backends["tensorrt"].detail
+    assert not backends["tensorrt"].available and "pip install 'tensorrt>=10,<12'" in backends["tensorrt"].detail
     assert not backends["onnxruntime (cuda)"].available and "onnxruntime-gpu" in backends["onnxruntime (cuda)"].detail
     assert backends["pytorch (cuda)"].available
     assert actions["export (ONNX)"].detail == "pip install onnxslim"

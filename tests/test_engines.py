@@ -1,12 +1,18 @@
-"""TensorRT engines: profile shapes, the engine header, the ONNX pre-check, which layers stay FP32,
-the environment errors, and the build orchestration against a stand-in `tensorrt` module. The
-tests at the end build and run real engines and skip without TensorRT and a CUDA GPU."""
+"""TensorRT engines: profile shapes, the engine header, the ONNX pre-check, the environment errors,
+and the build orchestration (strongly typed FP16 from the mixed-precision graph, the timing cache,
+cancelling, the process logger) against a stand-in `tensorrt` module with the real API names of
+TensorRT 10.x and 11.x (tests/fake_tensorrt). The tests at the end build and run real engines and
+skip without TensorRT and a CUDA GPU."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 import types
 import warnings
 from contextlib import nullcontext
@@ -35,7 +41,6 @@ from evit_deploy.engines.header import (
     write_engine,
 )
 from evit_deploy.engines.precheck import TOPK_MAX_K, precheck_onnx, tensorrt_problems
-from evit_deploy.engines.precision import LayerInfo, match_layers, select_fp32_layers, topk_score_layers
 from evit_deploy.engines.settings import BatchProfile, BuildSettings
 from evit_deploy.engines.support import has_fast_fp16
 from evit_deploy.engines.tensorrt import CudaGpu, default_engine_path, torch_dtype_name
@@ -61,6 +66,7 @@ def make_header(**changes) -> EngineHeader:
         input_shape=[3, 64, 64],
         fp32_layers=["/blocks.3/TopK", "/blocks.3/attn/Softmax"],
         onnx="tiny.onnx",
+        fp32_islands=["topk_scores"],
     )
     values.update(changes)
     return EngineHeader(**values)
@@ -114,13 +120,26 @@ def test_profile_against_static_and_dynamic_inputs():
 
 
 def test_build_settings_validation_and_round_trip():
-    settings = BuildSettings("fp32", BatchProfile(2, 16, 64), 1.5, ("Softmax", "*/TopK"), False, "/tmp/t.cache")
+    settings = BuildSettings("fp32", BatchProfile(2, 16, 64), 1.5, ("Softmax", "*/TopK"), ("layernorm",), "/tmp/t.cache")
     assert BuildSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
     assert settings.workspace_bytes == int(1.5 * 2**30)
-    assert BuildSettings().workspace_bytes is None
-    for bad in (dict(precision="int8"), dict(workspace_gb=0), dict(fp32_layers=(" ",))):
+    assert BuildSettings().workspace_bytes is None and BuildSettings().fp32_islands == ("topk_scores",)
+    for bad in (dict(precision="int8"), dict(workspace_gb=0), dict(fp32_layers=(" ",)), dict(fp32_islands=("gelu",))):
         with pytest.raises(UsageError):
             BuildSettings(**bad)
+
+
+def test_format_1_headers_still_read():
+    """Engines built before strongly typed builds: fp32_topk_scores instead of fp32_islands."""
+    data = make_header().to_dict()
+    data["format_version"] = 1
+    del data["fp32_islands"]
+    settings = data["settings"]
+    del settings["fp32_islands"]
+    for old, islands in ((True, ("topk_scores",)), (False, ())):
+        settings["fp32_topk_scores"] = old
+        header = EngineHeader.from_dict(json.loads(json.dumps(data)))
+        assert header.settings.fp32_islands == islands and header.fp32_islands == [] and header.format_version == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,19 +269,29 @@ def test_precheck_accepts_constant_k(tmp_path):
 def test_precheck_names_every_problem_in_one_line(tmp_path):
     custom = helper.make_node("FancyOp", ["images"], ["fancy"], name="fancy", domain="com.example")
     unique = helper.make_node("Unique", ["images"], ["u"], name="uniq")
-    model = topk_graph("computed", sorted_flag=0, extra_nodes=[custom, unique])
+    model = topk_graph("initializer", k=TOPK_MAX_K + 1, sorted_flag=0, extra_nodes=[custom, unique])
     onnx.save(model, str(tmp_path / "bad.onnx"))
     with pytest.raises(EvitDeployError) as caught:
         precheck_onnx(tmp_path / "bad.onnx")
     message = str(caught.value)
     assert "\n" not in message and message.startswith("TensorRT cannot build bad.onnx: ")
     for fragment in (
-        "K computed at run time",
+        f"K={TOPK_MAX_K + 1}, above TensorRT's TopK limit of {TOPK_MAX_K}",
         "sorted=0",
         "FancyOp node 'fancy' is from custom domain 'com.example'",
         "Unique node 'uniq' is not supported",
     ):
         assert fragment in message
+
+
+def test_precheck_accepts_a_run_time_k_with_a_warning(tmp_path):
+    """TensorRT 10+ takes TopK's K as a tensor (ITopKLayer: "both static and dynamic k"); only
+    its limit of 3840 cannot be checked before run time."""
+    onnx.save(topk_graph("computed"), str(tmp_path / "dynamic_k.onnx"))
+    assert tensorrt_problems(topk_graph("computed").graph) == []
+    with pytest.warns(UserWarning, match=f"computed at run time; TensorRT 10\\+ accepts that, but fails at run time if K exceeds {TOPK_MAX_K}"):
+        check = precheck_onnx(tmp_path / "dynamic_k.onnx")
+    assert check.input_name == "images"
 
 
 def test_precheck_topk_limit():
@@ -299,70 +328,6 @@ def test_precheck_passes_a_real_export(traced_onnx):
 
 
 # ---------------------------------------------------------------------------------------------
-# Which layers stay FP32
-
-
-ONNX_KINDS = {"TopK": "TOPK", "Softmax": "SOFTMAX", "MatMul": "MATRIX_MULTIPLY", "Constant": "CONSTANT"}
-
-
-def onnx_layers(model: onnx.ModelProto) -> list[LayerInfo]:
-    """The ONNX graph described the way the builder describes TensorRT's network."""
-    return [
-        LayerInfo(n.name, ONNX_KINDS.get(n.op_type, n.op_type.upper()), tuple(n.input), tuple(n.output))
-        for n in model.graph.node
-    ]
-
-
-def test_score_paths_of_a_real_export(traced_onnx):
-    layers = onnx_layers(onnx.load(str(traced_onnx)))
-    kinds = {layer.name: layer.kind for layer in layers}
-    chosen = topk_score_layers(layers)
-    drop_blocks = [b for b, k in zip(range(12), [p.keep for p in CONFIG.token_plan]) if k is not None]
-    assert drop_blocks == [3, 6, 9]
-    for block in drop_blocks:
-        path = [name for name in chosen if name.startswith(f"/blocks.{block}/")]
-        assert [kinds[n] for n in path] == [
-            "TOPK", "REDUCEMEAN", "SLICE", "GATHER", "SOFTMAX", "MUL", "MATRIX_MULTIPLY",
-        ]
-        assert path[-1] == f"/blocks.{block}/attn/MatMul"  # Q.K^T, not the attention x V product
-    assert len(chosen) == 7 * len(drop_blocks)
-
-
-def test_score_path_stops_where_there_is_no_softmax():
-    layers = [
-        LayerInfo("k", "CONSTANT", (), ("k_out",)),
-        LayerInfo("scores", "MATRIX_MULTIPLY", ("x", "w"), ("s",)),
-        LayerInfo("topk", "TOPK", ("s", "k_out"), ("v", "i")),
-    ]
-    assert topk_score_layers(layers) == []
-    softmax_only = [
-        LayerInfo("sm", "SOFTMAX", ("x",), ("p",)),
-        LayerInfo("mean", "REDUCE", ("p",), ("m",)),
-        LayerInfo("topk", "TOPK", ("m", None), ("v", "i")),
-    ]
-    assert topk_score_layers(softmax_only) == ["topk", "mean", "sm"]
-
-
-def test_layer_patterns():
-    names = ["/blocks.0/norm1/LayerNormalization", "/blocks.3/TopK", "/blocks.3/attn/Softmax", "/norm/LayerNormalization"]
-    matched, unmatched = match_layers(names, ["LayerNormalization", "/blocks.?/TopK", "*Gelu*"])
-    assert matched == [names[0], names[3], names[1]] and unmatched == ["*Gelu*"]
-    assert match_layers(names, ["TopK"])[0] == ["/blocks.3/TopK"]
-    assert match_layers(names, ["TopK*"])[0] == []  # a glob matches the whole name
-
-
-def test_select_fp32_layers(traced_onnx):
-    layers = onnx_layers(onnx.load(str(traced_onnx)))
-    with pytest.raises(UsageError, match=r"'Gelu' matched no layer; layer names look like '/blocks\.0/attn/Softmax'"):
-        select_fp32_layers(layers, ["Gelu"], topk_scores=True)
-    assert select_fp32_layers(layers, ["Gelu"], topk_scores=False, require_matches=False) == []
-    norms = select_fp32_layers(layers, ["LayerNormalization"], topk_scores=False)
-    assert len(norms) == 25 and all("LayerNormalization" in n for n in norms)
-    both = select_fp32_layers(layers, ["LayerNormalization", "/blocks.3/TopK"], topk_scores=True)
-    assert len(both) == 25 + 21 and len(set(both)) == len(both)
-
-
-# ---------------------------------------------------------------------------------------------
 # Small pure helpers
 
 
@@ -396,7 +361,7 @@ def test_missing_tensorrt_and_gpu_is_one_line_with_install_hints(monkeypatch):
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith("build-engine needs TensorRT 10+ and an NVIDIA GPU: ")
-    assert "TensorRT is not installed (pip install 'tensorrt>=10,<11')" in message
+    assert "TensorRT is not installed (pip install 'tensorrt>=10,<12')" in message
     assert "sees no CUDA GPU" in message and "download.pytorch.org" in message
 
 
@@ -428,7 +393,7 @@ def test_cli_build_engine_fails_cleanly_without_tensorrt(traced_onnx, tmp_path, 
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: build-engine needs TensorRT"), result.output
-    assert "tensorrt>=10,<11" in lines[0] and "Traceback" not in result.output
+    assert "tensorrt>=10,<12" in lines[0] and "Traceback" not in result.output
     assert not output.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -447,212 +412,151 @@ def test_cli_build_engine_usage_errors_come_first(traced_onnx, tmp_path, monkeyp
 
 
 # ---------------------------------------------------------------------------------------------
-# Build orchestration against a stand-in tensorrt module
+# Build orchestration against a stand-in tensorrt module (tests/fake_tensorrt/tensorrt.py: the
+# real API names of TensorRT 10.x and 11.x, recording the calls)
+
+FAKE_TENSORRT = Path(__file__).resolve().parent / "fake_tensorrt"
+TENSORRT_VERSIONS = ["10.9.0", "11.1.0"]
 
 
-class FakeEnum:
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return self.name
-
-
-def fake_tensorrt(fail_parse: bool = False) -> types.ModuleType:
-    """The slice of the TensorRT 10 Python API that build_engine uses, recording the calls.
-    Its network is the ONNX graph, one layer per node, as the real parser produces."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.9.0"
-    trt.calls = []
-    trt.DataType = types.SimpleNamespace(FLOAT=FakeEnum("FLOAT"), HALF=FakeEnum("HALF"), INT64=FakeEnum("INT64"))
-    trt.BuilderFlag = types.SimpleNamespace(**{n: n for n in ("FP16", "TF32", "OBEY_PRECISION_CONSTRAINTS")})
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-
-    class ILogger:
-        Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
-
-        def __init__(self):
-            pass
-
-    trt.ILogger = ILogger
-
-    class Tensor:
-        def __init__(self, name, dtype):
-            self.name, self.dtype = name, dtype
-            self.is_shape_tensor = False
-
-    class Layer:
-        def __init__(self, node):
-            self.name = node.name
-            self.type = FakeEnum(ONNX_KINDS.get(node.op_type, node.op_type.upper()))
-            self.inputs = [Tensor(i, trt.DataType.FLOAT) if i else None for i in node.input]
-            integer = {("TopK", 1), ("Shape", 0)}  # TopK's indices, a tensor's shape
-            kinds = [trt.DataType.INT64 if (node.op_type, k) in integer else trt.DataType.FLOAT for k in range(len(node.output))]
-            self.outputs = [Tensor(o, kind) for o, kind in zip(node.output, kinds)]
-            self.num_inputs, self.num_outputs = len(self.inputs), len(self.outputs)
-            self.precision = None
-            self.output_types = {}
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-        def get_output(self, i):
-            return self.outputs[i]
-
-        def set_output_type(self, i, dtype):
-            self.output_types[i] = dtype
-
-    class Network:
-        layers = []
-
-        @property
-        def num_layers(self):
-            return len(self.layers)
-
-        def get_layer(self, i):
-            return self.layers[i]
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network, self.logger = network, logger
-            self.num_errors = 0
-
-        def parse_from_file(self, path):
-            trt.calls.append(("parse_from_file", path))
-            if fail_parse:
-                self.num_errors = 2
-                return False
-            self.network.layers = [Layer(n) for n in onnx.load(path).graph.node]
-            trt.network = self.network
-            return True
-
-        def get_error(self, i):
-            return f"In node {i} (importFoo):\n  UNSUPPORTED_NODE: no importer for Foo{i}"
-
-    class Profile:
-        def set_shape(self, name, low, opt, high):
-            trt.calls.append(("set_shape", name, low, opt, high))
-
-    class TimingCache:
-        def __init__(self, data):
-            self.data = data
-
-        def serialize(self):
-            return memoryview(b"cache:" + self.data)
-
-    class Config:
-        def __init__(self):
-            self.flags = set()
-            self.cache = None
-
-        def set_memory_pool_limit(self, pool, size):
-            trt.calls.append(("set_memory_pool_limit", pool, size))
-
-        def add_optimization_profile(self, profile):
-            trt.calls.append(("add_optimization_profile",))
-
-        def set_flag(self, flag):
-            self.flags.add(flag)
-
-        def clear_flag(self, flag):
-            self.flags.discard(flag)
-            trt.calls.append(("clear_flag", flag))
-
-        def create_timing_cache(self, data):
-            return TimingCache(bytes(data))
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            trt.calls.append(("create_network", flags))
-            return Network()
-
-        def create_builder_config(self):
-            trt.config = Config()
-            return trt.config
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            trt.calls.append(("build_serialized_network", sorted(config.flags)))
-            self.logger.log(ILogger.Severity.WARNING, "weights\nconverted to FP16")
-            return memoryview(b"SERIALIZED-PLAN")
-
-    trt.OnnxParser, trt.Builder = OnnxParser, Builder
-    return trt
+def load_fake_tensorrt(version: str = "10.9.0") -> types.ModuleType:
+    """A fresh copy of the fake module (its own call log), as TensorRT `version`."""
+    spec = importlib.util.spec_from_file_location("tensorrt", FAKE_TENSORRT / "tensorrt.py")
+    module = importlib.util.module_from_spec(spec)
+    previous = os.environ.get("FAKE_TENSORRT_VERSION")
+    os.environ["FAKE_TENSORRT_VERSION"] = version
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            del os.environ["FAKE_TENSORRT_VERSION"]
+        else:
+            os.environ["FAKE_TENSORRT_VERSION"] = previous
+    return module
 
 
 @pytest.fixture
-def fake_build_environment(monkeypatch):
-    def install(**options):
-        trt = fake_tensorrt(**options)
+def fake_build_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(tmp_path / "cache"))
+
+    def install(version: str = "10.9.0", gpu: CudaGpu = GPU):
+        trt = load_fake_tensorrt(version)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
-        monkeypatch.setattr(engines_trt, "cuda_gpu", lambda device: GPU)
+        monkeypatch.setattr(engines_trt, "cuda_gpu", lambda device: gpu)
         monkeypatch.setattr(torch.cuda, "device", lambda index: nullcontext())
         return trt
 
     return install
 
 
-def test_build_orchestration(traced_onnx, tmp_path, fake_build_environment):
-    trt = fake_build_environment()
+def network_types(trt) -> dict[str, str]:
+    """Layer name -> the type of its first float output, in the network TensorRT parsed."""
+    network = trt.builders[-1].network
+    kinds = {}
+    for layer in network.layers:
+        floats = [layer.get_output(i).dtype.name for i in range(layer.num_outputs)]
+        floats = [kind for kind in floats if kind in ("FLOAT", "HALF")]
+        if floats:
+            kinds[layer.name] = floats[0]
+    return kinds
+
+
+def precision_calls(trt) -> list:
+    """Any use of builder-flag precision: none may happen (TensorRT 11 has none of it)."""
+    banned = {"FP16", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"}
+    return [c for c in trt.calls if c[0] in ("layer.precision", "layer.set_output_type") or (c[0] == "set_flag" and c[1] in banned)]
+
+
+@pytest.mark.parametrize("version", TENSORRT_VERSIONS)
+def test_fp16_build_converts_an_fp32_onnx_and_builds_it_strongly_typed(traced_onnx, tmp_path, fake_build_environment, version):
+    trt = fake_build_environment(version)
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"old")
     settings = BuildSettings(
-        profile=BatchProfile(2, 16, 32),
-        workspace_gb=1.0,
-        fp32_layers=("/norm/", "/blocks.3/Shape"),  # shape arithmetic matched, but never pinned
-        timing_cache=str(cache),
+        profile=BatchProfile(2, 16, 32), workspace_gb=1.0, fp32_layers=("/norm/",), timing_cache=str(cache)
     )
     result = engines_trt.build_engine(traced_onnx, tmp_path / "tiny.plan", settings)
-    assert ("create_network", 0) in trt.calls
+    flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert flag == (2 if version.startswith("10.") else 1)  # the enum moved in TensorRT 11
+    assert ("create_network", flag) in trt.calls
+    assert ("build_serialized_network", [], flag) in trt.calls  # no builder flag at all
+    assert precision_calls(trt) == [] and ("clear_flag", "TF32") in trt.calls
     assert ("set_shape", "images", (2, 3, 64, 64), (16, 3, 64, 64), (32, 3, 64, 64)) in trt.calls
     assert ("set_memory_pool_limit", "WORKSPACE", 2**30) in trt.calls
-    assert ("clear_flag", "TF32") in trt.calls
-    assert ("build_serialized_network", ["FP16", "OBEY_PRECISION_CONSTRAINTS"]) in trt.calls
-    pinned = {layer.name: layer for layer in trt.network.layers if layer.precision is not None}
-    assert set(pinned) == set(result.header.fp32_layers)
-    assert "/norm/LayerNormalization" in pinned and "/blocks.9/TopK" in pinned and len(pinned) == 22
-    topk = pinned["/blocks.9/TopK"]
-    assert topk.precision.name == "FLOAT" and list(topk.output_types) == [0]  # not the int indices
-    assert cache.read_bytes() == b"cache:old"
-    header, plan = read_engine(result.path)
-    assert plan == b"SERIALIZED-PLAN" and header == result.header
-    assert (header.tensorrt_version, header.gpu_name, header.compute_capability) == ("10.9.0", GPU.name, "8.9")
+    parse = next(c for c in trt.calls if c[0] in ("parse", "parse_from_file"))
+    assert parse[0] == "parse" and parse[2] == str(traced_onnx)  # the converted graph, in memory
+    # the network computes in the graph's types: FP32 islands, FP16 elsewhere
+    kinds = network_types(trt)
+    header = result.header
+    assert header.precision == "fp16" and header.fp32_islands == ["topk_scores", "named"] and result.converted
+    assert len(header.fp32_layers) == 21 + 1 and "/norm/LayerNormalization" in header.fp32_layers
+    assert {kinds[name] for name in header.fp32_layers} == {"FLOAT"}
+    for block in (3, 6, 9):
+        assert kinds[f"/blocks.{block}/attn/Softmax"] == "FLOAT" and kinds[f"/blocks.{block}/TopK"] == "FLOAT"
+    assert kinds["/blocks.0/attn/Softmax"] == "HALF" and kinds["/blocks.3/norm1/LayerNormalization"] == "HALF"
+    half = [name for name, kind in kinds.items() if kind == "HALF"]
+    assert len(half) > 200
+    read_back, plan = read_engine(result.path)
+    assert plan == b"SERIALIZED-PLAN" and read_back == header
+    assert (header.tensorrt_version, header.gpu_name, header.compute_capability) == (version, GPU.name, "8.9")
     assert header.settings == settings and header.input_shape == [3, 64, 64] and header.onnx == "tiny.onnx"
     assert result.tensorrt_warnings == ["weights converted to FP16"]
+    assert cache.read_bytes() == b"cache:old" and result.timing_cache_saved
 
 
-def test_fp32_build_sets_no_fp16_flag_and_pins_nothing(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
+@pytest.mark.parametrize("version", TENSORRT_VERSIONS)
+def test_an_fp16_onnx_builds_as_it_is(traced_onnx, tmp_path, fake_build_environment, version):
+    from evit_deploy.export.precision import convert_to_fp16
+
+    converted = convert_to_fp16(onnx.load(str(traced_onnx)), ("topk_scores", "layernorm"))
+    fp16_onnx = tmp_path / "tiny_fp16.onnx"
+    onnx.save(converted.model, str(fp16_onnx))
+    trt = fake_build_environment(version)
+    result = engines_trt.build_engine(fp16_onnx, tmp_path / "t.plan")
+    assert [c[0] for c in trt.calls if c[0].startswith("parse")] == ["parse_from_file"]  # not converted again
+    assert not result.converted and precision_calls(trt) == []
+    header = result.header
+    assert header.precision == "fp16" and header.fp32_islands == ["topk_scores", "layernorm"]
+    assert set(header.fp32_layers) == set(converted.fp32_nodes)
+    kinds = network_types(trt)
+    assert {kinds[name] for name in header.fp32_layers} == {"FLOAT"}
+    # precision was chosen at export: build-engine cannot change it
+    with pytest.raises(UsageError, match="is an FP16 ONNX.*--fp32 needs the FP32 export"):
+        engines_trt.build_engine(fp16_onnx, tmp_path / "t32.plan", BuildSettings("fp32"))
+    with pytest.raises(UsageError, match=r"already FP16 \(its FP32 islands were chosen at export: topk_scores, layernorm\)"):
+        engines_trt.build_engine(fp16_onnx, tmp_path / "t2.plan", BuildSettings(fp32_layers=("/norm/",)))
+
+
+def test_fp32_build_converts_nothing(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
     trt = fake_build_environment()
-    monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(tmp_path / "cache"))
     result = engines_trt.build_engine(traced_onnx, settings=BuildSettings("fp32"), output=tmp_path / "t.plan")
-    assert ("build_serialized_network", []) in trt.calls
-    assert result.header.precision == "fp32" and result.header.fp32_layers == []
-    assert result.timing_cache == tmp_path / "cache" / "tensorrt" / "timing-trt10.9.0-sm8.9.cache"
+    flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert ("build_serialized_network", [], flag) in trt.calls and precision_calls(trt) == []
+    assert set(network_types(trt).values()) == {"FLOAT"}
+    assert result.header.precision == "fp32" and result.header.fp32_layers == [] and not result.converted
+    assert result.timing_cache == Path(os.environ["EVIT_DEPLOY_CACHE"]) / "tensorrt" / "timing-trt10.9.0-sm8.9.cache"
     assert result.timing_cache.read_bytes() == b"cache:"
 
 
-def test_no_fast_fp16_builds_fp32_with_a_warning(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
-    fake_build_environment()
-    monkeypatch.setattr(engines_trt, "cuda_gpu", lambda device: CudaGpu(0, "GTX 1080", "6.1"))
+def test_no_fast_fp16_builds_fp32_with_a_warning(traced_onnx, tmp_path, fake_build_environment):
+    trt = fake_build_environment(gpu=CudaGpu(0, "GTX 1080", "6.1"))
     with pytest.warns(UserWarning, match="GTX 1080 has no fast FP16"):
         result = engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", BuildSettings(timing_cache=str(tmp_path / "c")))
-    assert result.header.precision == "fp32"
+    assert result.header.precision == "fp32" and set(network_types(trt).values()) == {"FLOAT"}
+
+
+def test_fp32_layernorm_island(traced_onnx, tmp_path, fake_build_environment):
+    trt = fake_build_environment("11.1.0")
+    settings = BuildSettings(fp32_islands=("topk_scores", "layernorm"), timing_cache=str(tmp_path / "c"))
+    header = engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings).header
+    assert header.fp32_islands == ["topk_scores", "layernorm"] and len(header.fp32_layers) == 21 + 25
+    kinds = network_types(trt)
+    assert all(kinds[n] == "FLOAT" for n in kinds if n.endswith("LayerNormalization"))
 
 
 def test_parser_errors_are_all_printed_in_one_line(traced_onnx, tmp_path, fake_build_environment):
-    fake_build_environment(fail_parse=True)
+    trt = fake_build_environment()
+    trt.fail_parse = True
     with pytest.raises(EvitDeployError) as caught:
         engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", BuildSettings(timing_cache=str(tmp_path / "c")))
     message = str(caught.value)
@@ -661,21 +565,222 @@ def test_parser_errors_are_all_printed_in_one_line(traced_onnx, tmp_path, fake_b
     assert not (tmp_path / "t.plan").exists()
 
 
-def test_unmatched_layer_pattern_is_a_usage_error(traced_onnx, tmp_path, fake_build_environment):
+def test_unmatched_node_pattern_is_a_usage_error(traced_onnx, tmp_path, fake_build_environment):
     fake_build_environment()
     settings = BuildSettings(fp32_layers=("NoSuchLayer",), timing_cache=str(tmp_path / "c"))
-    with pytest.raises(UsageError, match="'NoSuchLayer' matched no layer"):
+    with pytest.raises(UsageError, match="'NoSuchLayer' matched no ONNX node"):
         engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings)
 
 
-def test_cli_build_engine_reports_the_engine(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
+def test_detailed_profile_for_the_engine_inspector(traced_onnx, tmp_path, fake_build_environment):
+    trt = fake_build_environment("11.1.0")
+    settings = BuildSettings(detailed_profile=True, timing_cache=str(tmp_path / "c"))
+    engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings)
+    assert trt.builders[-1].config.profiling_verbosity == trt.ProfilingVerbosity.DETAILED
+    engines_trt.build_engine(traced_onnx, tmp_path / "u.plan", BuildSettings(timing_cache=str(tmp_path / "c")))
+    assert trt.builders[-1].config.profiling_verbosity == trt.ProfilingVerbosity.LAYER_NAMES_ONLY
+
+
+def test_island_precisions_read_from_inspector_layers(traced_onnx):
+    """The check gpu_check.sh runs on a real engine, here on inspector JSON written by hand in
+    the format Polygraphy reads (Name, Inputs/Outputs with Name and Format/Datatype)."""
+    from evit_deploy.engines.layer_precisions import check_island_precisions, island_tensors
+    from evit_deploy.export.precision import convert_to_fp16
+
+    conversion = convert_to_fp16(onnx.load(str(traced_onnx)))
+    tensors = island_tensors(conversion.model, conversion.fp32_nodes)
+    by_node = {node: tensor for tensor, node in tensors.items()}
+    assert len(tensors) == 21  # one float output per island node (TopK's indices are not float)
+    softmax, mean, topk = (by_node[f"/blocks.3/{n}"] for n in ("attn/Softmax", "attn/ReduceMean", "TopK"))
+
+    def tensor(name, kind):
+        return {"Name": name, "Dimensions": [-1, 3, 17, 17], "Format/Datatype": kind}
+
+    layers = [
+        {"Name": "/blocks.3/attn/Softmax", "LayerType": "SoftMax", "Inputs": [tensor("x", "Half")],
+         "Outputs": [tensor(softmax, "Row major linear FP32")]},
+        {"Name": "/blocks.3/TopK", "LayerType": "TopK", "Inputs": [tensor(mean, "Float")], "Outputs": [tensor(topk, "Row major linear FP32")]},
+    ]
+    result = check_island_precisions(layers, tensors)
+    assert result.passed and set(result.fp32) == {softmax, mean, topk} and len(result.not_visible) == 18
+    layers[1]["Inputs"] = [tensor(mean, "Row major linear FP16 format")]
+    result = check_island_precisions(layers, tensors)
+    assert not result.passed and result.not_fp32 == {mean: "Row major linear FP16 format"}
+    assert "1 NOT FP32" in result.summary() and "18 inside fused layers" in result.summary()
+
+
+def test_baseline_engine_gets_the_islands_of_an_fp16_export(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
+    """The plain-ViT engine `bench` compares with is converted with the EViT engine's islands,
+    also when those came from an FP16 ONNX (here a stand-in for the baseline ONNX: the same file)."""
+    from evit_deploy.export.precision import convert_to_fp16
+    from evit_deploy.runtime import baseline
+
+    fp16_onnx = tmp_path / "tiny_fp16.onnx"
+    onnx.save(convert_to_fp16(onnx.load(str(traced_onnx)), ("topk_scores", "layernorm")).model, str(fp16_onnx))
     fake_build_environment()
-    monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(tmp_path / "cache"))
+    engine = engines_trt.build_engine(fp16_onnx, tmp_path / "evit.plan").path
+    plain = tmp_path / "cache" / "plain.onnx"
+    plain.parent.mkdir(parents=True, exist_ok=True)
+    plain.write_bytes(traced_onnx.read_bytes())
+    monkeypatch.setattr(baseline, "baseline_onnx", lambda metadata: plain)
+    header = read_engine_header(engines_trt.build_baseline_engine(engine))
+    assert header.fp32_islands == ["topk_scores", "layernorm"] and header.settings.fp32_islands == ("topk_scores", "layernorm")
+
+
+# Fix 1: the engine first, the timing cache best effort
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_engine(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
+    fake_build_environment()
+    output = tmp_path / "t.plan"
+    seen = []
+
+    def failing_cache_write(path, data, force=False):
+        seen.append(output.exists())  # the engine is already there
+        raise EvitDeployError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(engines_trt, "write_bytes_atomic", failing_cache_write)
+    with pytest.warns(UserWarning, match="timing cache not saved .*No space left on device.*the engine was written"):
+        result = engines_trt.build_engine(traced_onnx, output, BuildSettings(timing_cache=str(tmp_path / "c")))
+    assert seen == [True] and not result.timing_cache_saved
+    assert read_engine(output)[1] == b"SERIALIZED-PLAN"
+
+
+def test_unreadable_or_damaged_caches_start_a_new_one(traced_onnx, tmp_path, fake_build_environment):
+    fake_build_environment()
+    folder_cache = tmp_path / "cache-is-a-folder"
+    (folder_cache / "x").mkdir(parents=True)
+    with pytest.warns(UserWarning) as caught:
+        result = engines_trt.build_engine(traced_onnx, tmp_path / "a.plan", BuildSettings(timing_cache=str(folder_cache)))
+    assert any("timing cache not saved" in str(w.message) for w in caught)
+    assert read_engine(result.path)[1] == b"SERIALIZED-PLAN" and not result.timing_cache_saved
+    damaged = tmp_path / "damaged.cache"
+    damaged.write_bytes(b"damaged bytes")
+    with pytest.warns(UserWarning, match="damaged or from another GPU/TensorRT; starting a new one"):
+        result = engines_trt.build_engine(traced_onnx, tmp_path / "b.plan", BuildSettings(timing_cache=str(damaged)))
+    assert damaged.read_bytes() == b"cache:" and result.timing_cache_saved
+
+
+# Fix 2: Ctrl-C and SIGTERM cancel the build through the progress monitor
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_cancels_the_build_and_is_raised_after_it(traced_onnx, tmp_path, fake_build_environment, monkeypatch, signum):
+    trt = fake_build_environment()
+    monkeypatch.setenv("FAKE_TENSORRT_STEPS", "6")
+    trt.step_hooks[1] = lambda: os.kill(os.getpid(), signum)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(KeyboardInterrupt):
+        engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", BuildSettings(timing_cache=str(tmp_path / "c")))
+    assert ("cancelled", 1) in trt.calls  # step_complete returned False: TensorRT stopped there
+    assert not any(c[0] == "swallowed" for c in trt.calls)  # nothing raised inside TensorRT
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
+    assert list(tmp_path.iterdir()) == []  # no engine, no cache
+
+
+def test_an_interrupt_inside_a_callback_still_cancels(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
+    """Where a KeyboardInterrupt does get raised inside a TensorRT callback (a handler other than
+    ours), the callbacks catch it: log() never raises, the monitor cancels, the build re-raises."""
+    trt = fake_build_environment()
+    raised = []
+
+    def interrupt_in_log(text):
+        if text == "step 0" and not raised:
+            raised.append(text)
+            raise KeyboardInterrupt
+        return text
+
+    monkeypatch.setattr(engines_trt, "_one_line", interrupt_in_log)
+    with pytest.raises(KeyboardInterrupt):
+        engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", BuildSettings(timing_cache=str(tmp_path / "c")))
+    assert raised and not any(c[0] == "swallowed" for c in trt.calls)
+    assert ("cancelled", 0) in trt.calls  # stopped at the next step
+    assert not (tmp_path / "t.plan").exists()
+
+
+def test_cli_ctrl_c_during_a_build(traced_onnx, tmp_path):
+    """The real CLI in a child process (fake TensorRT 11 and a pretend GPU): Ctrl-C during the
+    build ends it at the next step, exit 130, nothing written."""
+    from conftest import cli_env
+
+    started = tmp_path / "build-started"
+    env = cli_env(
+        PYTHONPATH=os.pathsep.join([str(FAKE_TENSORRT), os.environ.get("PYTHONPATH", "")]),
+        FAKE_TENSORRT_VERSION="11.1.0", FAKE_CUDA_GPU="NVIDIA Test GPU;8.9",
+        FAKE_TENSORRT_STEPS="600", FAKE_TENSORRT_STEP_SECONDS="0.1", FAKE_TENSORRT_STARTED=str(started),
+        EVIT_DEPLOY_CACHE=str(tmp_path / "cache"),
+    )
+    output = tmp_path / "out" / "t.plan"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evit_deploy", "build-engine", str(traced_onnx), "-o", str(output)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), proc.communicate(timeout=30)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted: no partial output was left behind"
+    assert "Exception caught" not in err and "Traceback" not in err
+    assert not output.exists() and not (tmp_path / "cache").exists()
+
+
+# Fix 3: one TensorRT logger for the process
+
+
+def test_one_logger_for_the_process_with_operation_marks(traced_onnx, tmp_path, fake_build_environment):
+    trt = fake_build_environment()
+    logger = engines_trt.tensorrt_logger(trt)
+    assert engines_trt.tensorrt_logger(trt) is logger
+    first = logger.start("first")
+    logger.log(trt.ILogger.Severity.ERROR, "an old\nerror")
+    logger.log(trt.ILogger.Severity.INFO, "chatter")
+    second = logger.start("second")
+    logger.log(trt.ILogger.Severity.WARNING, "a new warning")
+    assert first.errors == ["an old error"] and first.warnings == ["a new warning"]
+    assert second.errors == [] and second.warnings == ["a new warning"]
+    for settings in (BuildSettings(timing_cache=str(tmp_path / "c")), BuildSettings("fp32", timing_cache=str(tmp_path / "c"))):
+        engines_trt.build_engine(traced_onnx, tmp_path / f"{settings.precision}.plan", settings)
+    assert len(trt.builders) == 2 and all(builder.logger is logger for builder in trt.builders)
+
+
+def test_log_never_raises(fake_build_environment, monkeypatch):
+    trt = fake_build_environment()
+    logger = engines_trt.tensorrt_logger(trt)
+    operation = logger.start("x")
+
+    class Unprintable:
+        def __str__(self):
+            raise ValueError("no text")
+
+    logger.log(trt.ILogger.Severity.ERROR, Unprintable())  # dropped, not raised
+    monkeypatch.setattr(engines_trt, "_one_line", lambda text: (_ for _ in ()).throw(KeyboardInterrupt))
+    logger.log(trt.ILogger.Severity.ERROR, "during Ctrl-C")  # kept for the operation to raise
+    with pytest.raises(KeyboardInterrupt):
+        operation.raise_if_interrupted()
+    operation.raise_if_interrupted()  # raised once
+
+
+def test_cli_build_engine_reports_the_engine(traced_onnx, tmp_path, fake_build_environment):
+    fake_build_environment()
     output = tmp_path / "tiny.fp16.plan"
     result = runner.invoke(app, ["build-engine", str(traced_onnx), "-o", str(output), "--max-batch", "64"])
     assert result.exit_code == 0, result.output
-    for fragment in ("built", "fp16", "min 1, opt 64, max 64", "FP32 layers     21 (TopK score paths)", "TensorRT: weights converted to FP16"):
+    for fragment in (
+        "built", "fp16, strongly typed", "min 1, opt 64, max 64",
+        "FP32 islands    topk_scores: 21 nodes (converted here from FP32)", "TensorRT: weights converted to FP16",
+    ):
         assert fragment in result.output, result.output
+    result = runner.invoke(app, ["build-engine", str(traced_onnx), "-o", str(output), "--force", "--fp32-layernorm", "--fp16-topk-scores", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["header"]["fp32_islands"] == ["layernorm"] and data["converted_to_fp16"] is True
     result = runner.invoke(app, ["build-engine", str(traced_onnx), "-o", str(output), "--force", "--json", "--fp32", "--max-batch", "64"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -718,8 +823,9 @@ def test_engines_match_onnxruntime(real_engines, traced_onnx):
     got = fp32.run(images)
     assert np.abs(got - reference).max() <= 1e-3 * np.abs(reference).max()
     fp16 = TensorRTBackend(real_engines["fp16"])
-    pinned = fp16.header.fp32_layers  # the 3 TopK score paths, named after their ONNX nodes
-    assert fp16.precision == "fp16" and min(sum("TopK" in n for n in pinned), sum("Softmax" in n for n in pinned)) >= 3
+    fp32_nodes = fp16.header.fp32_layers  # the 3 TopK score paths, by their ONNX node names
+    assert fp16.precision == "fp16" and fp16.header.fp32_islands == ["topk_scores"]
+    assert min(sum("TopK" in n for n in fp32_nodes), sum("Softmax" in n for n in fp32_nodes)) >= 3
     correlation = [np.corrcoef(a, b)[0, 1] for a, b in zip(fp16.run(images), reference)]
     assert np.median(correlation) >= 0.95, correlation
     assert len(fp32.take_gpu_compute_ms()) == 1 and fp32.take_gpu_compute_ms() == []

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import SMALL, TINY, config_for, random_model, run_cli
+from conftest import SMALL, TINY, cli_env, config_for, random_model, run_cli
 from PIL import Image
 
 from evit_deploy.engines.header import EngineHeader, encode_header
@@ -41,6 +41,7 @@ from evit_deploy.export.onnx import read_onnx_metadata
 from evit_deploy.runtime import Predictor
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+FAKE_TENSORRT = Path(__file__).resolve().parent / "fake_tensorrt"  # see its docstring
 CODE_RAN_MARKER = "checkpoint-code-ran"  # the code-executing pickle would create this file
 
 
@@ -52,6 +53,7 @@ class Case:
     code: int  # expected exit code
     shows: str  # the one stderr line; "…" stands for any text; "" means no stderr at all
     unchanged: tuple[str, ...] = ()  # files that must stay byte-for-byte the same
+    machine: tuple[str, str] | None = None  # (TensorRT version, "GPU NAME;MAJOR.MINOR") to pretend
 
 
 CASES = [
@@ -111,8 +113,12 @@ CASES = [
          "error: edited.onnx's graph does not match its evit-deploy metadata (metadata: input 'images' [batch, 3, 256, 256] -> output 'logits'; graph: …); was it edited after export? Re-export it with `evit-deploy export`"),
     Case("onnx-damaged-metadata", "ONNX with damaged metadata", ("info", "damaged.onnx"), 1,
          "error: damaged.onnx has damaged evit-deploy metadata (Expecting ',' delimiter: …); re-export it with `evit-deploy export`"),
-    Case("engine-other-tensorrt", "engine built with another TensorRT for another GPU", ("predict", "other_trt.plan", "photo.jpg"), 1,
-         "error: …other_trt.plan…built with TensorRT 9.9.9 for NVIDIA Other GPU…"),
+    Case("engine-other-tensorrt", "engine built with another TensorRT for another GPU (run where TensorRT 10.9.0 and a compute capability 8.9 GPU are)",
+         ("predict", "other_trt.plan", "photo.jpg"), 1,
+         "error: other_trt.plan was built with TensorRT 9.9.9 for NVIDIA Other GPU (compute capability 7.5); this "
+         "machine has TensorRT 10.9.0 and NVIDIA Test GPU (compute capability 8.9): rebuild it here with "
+         "`evit-deploy build-engine tiny.onnx`",
+         machine=("10.9.0", "NVIDIA Test GPU;8.9")),
     Case("engine-raw-plan", "TensorRT plan without evit-deploy's header", ("bench", "raw.plan"), 1,
          "error: raw.plan is not an evit-deploy engine (no evit-deploy header): build it with `evit-deploy build-engine MODEL.onnx`; a raw TensorRT plan carries no preprocessing metadata"),
     Case("engine-truncated", "truncated engine", ("predict", "truncated.plan", "photo.jpg"), 1,
@@ -309,6 +315,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def machine_env(machine: tuple[str, str] | None) -> dict[str, str]:
+    """The CLI's environment; with `machine`, the fake TensorRT of that version (the real API
+    names, tests/fake_tensorrt) and a pretend CUDA GPU, so a command gets as far as it would on
+    such a machine: for an engine, to the header check inside TensorRTBackend."""
+    if machine is None:
+        return cli_env()
+    version, gpu = machine
+    path = os.pathsep.join(filter(None, [str(FAKE_TENSORRT), os.environ.get("PYTHONPATH", "")]))
+    return cli_env(PYTHONPATH=path, FAKE_TENSORRT_VERSION=version, FAKE_CUDA_GPU=gpu)
+
+
 @dataclass
 class Outcome:
     returncode: int
@@ -330,7 +347,7 @@ def outcomes(fixture_files, tmp_path_factory) -> dict[str, Outcome]:
         _link_tree(fixture_files, folder)
         hashes = {name: _sha256(folder / name) for name in case.unchanged}
         before = _snapshot(folder)
-        proc = run_cli(*case.argv, cwd=folder, timeout=300)
+        proc = run_cli(*case.argv, cwd=folder, timeout=300, env=machine_env(case.machine))
         return Outcome(
             proc.returncode, proc.stdout, proc.stderr, before, _snapshot(folder), hashes,
             {name: _sha256(folder / name) for name in case.unchanged},

@@ -193,3 +193,27 @@ def test_openvino_bf16_repository_is_ir_with_the_score_path_pinned(onnx_artifact
     backend = load_backend(xml, precision="bf16")
     assert backend.name == "openvino" and backend.metadata.keep_rate == 0.7
     assert set(backend.score_path_precisions().values()) == {"f32"}
+
+
+def test_fp16_onnx_is_served_as_it_is_with_the_graphs_io_types(onnx_export, tmp_path):
+    """An FP16 ONNX (float32 I/O kept by the conversion) gets FP32/INT64 I/O in config.pbtxt and
+    is copied byte for byte: Triton's ONNX Runtime backend runs the graph as exported. The types
+    come from the graph: a graph whose I/O itself is FP16 is declared TYPE_FP16."""
+    import onnx
+    from onnxruntime.transformers import float16
+
+    from evit_deploy.export.precision import convert_to_fp16
+
+    source = onnx_export(config_for(), with_token_indices=True).path
+    fp16 = tmp_path / "tiny_fp16.onnx"
+    onnx.save(convert_to_fp16(onnx.load(str(source))).model, str(fp16))
+    result = write_triton_repo(fp16, tmp_path / "repo")
+    config = parse_config(result.config_path)
+    types = model_config_pb2.DataType
+    assert [(t.name, t.data_type) for t in config.input] == [("images", types.Value("TYPE_FP32"))]
+    assert [t.data_type for t in config.output] == [types.Value("TYPE_FP32")] + [types.Value("TYPE_INT64")] * 3
+    assert result.model_path.read_bytes() == fp16.read_bytes()
+    half_io = tmp_path / "half_io.onnx"
+    onnx.save(float16.convert_float_to_float16(onnx.load(str(source)), keep_io_types=False), str(half_io))
+    config = parse_config(write_triton_repo(half_io, tmp_path / "repo2").config_path)
+    assert config.input[0].data_type == config.output[0].data_type == types.Value("TYPE_FP16")

@@ -21,7 +21,9 @@ from evit_deploy.fileio import atomic_output
 from evit_deploy.metadata import ArtifactMetadata
 
 MAGIC = b"EVITTRT\x00"
-FORMAT_VERSION = 1
+# 2: strongly typed builds; settings.fp32_islands replaces fp32_topk_scores, fp32_islands added.
+# Format 1 headers are still read.
+FORMAT_VERSION = 2
 _LENGTH = struct.Struct("<I")
 MAX_HEADER_BYTES = 16 * 2**20  # a sane bound: a corrupted length must not allocate gigabytes
 
@@ -35,9 +37,12 @@ class EngineHeader:
     precision: str  # what was built: fp16, or fp32 (asked for, or no fast FP16 on the GPU)
     settings: BuildSettings  # as asked for; reused to build the plain-ViT baseline
     input_shape: list[int]  # one image, without the batch axis
-    fp32_layers: list[str] = field(default_factory=list)  # layers pinned to FP32 in this plan
+    # FP16 engines: the ONNX nodes computing in FP32 in the graph TensorRT built (TensorRT's layers
+    # carry these names); format 1: the layers pinned to FP32 with builder flags
+    fp32_layers: list[str] = field(default_factory=list)
     onnx: str = ""  # source file name
     format_version: int = FORMAT_VERSION
+    fp32_islands: list[str] = field(default_factory=list)  # e.g. ['topk_scores'] (precision.ISLANDS)
 
     def to_dict(self) -> dict:
         return {
@@ -50,6 +55,7 @@ class EngineHeader:
             "settings": self.settings.to_dict(),
             "input_shape": list(self.input_shape),
             "fp32_layers": list(self.fp32_layers),
+            "fp32_islands": list(self.fp32_islands),
             "onnx": self.onnx,
         }
 
@@ -73,6 +79,7 @@ class EngineHeader:
                 fp32_layers=list(data.get("fp32_layers", [])),
                 onnx=data.get("onnx", ""),
                 format_version=version,
+                fp32_islands=list(data.get("fp32_islands", [])),
             )
         except (KeyError, TypeError) as exc:
             raise EvitDeployError(f"{source} has a damaged engine header ({exc})") from None

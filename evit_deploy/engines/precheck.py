@@ -1,9 +1,12 @@
 """What TensorRT's ONNX parser would reject, found before a (minutes-long) build starts.
 
-TensorRT's TopK needs a constant K of at most 3840 and sorted output; some ONNX operators have no
-TensorRT implementation at all (sequences, strings, integer-quantized linear algebra, training
-losses; from the ONNX-TensorRT operator support matrix); ops from custom domains need plugins.
-Every problem is collected and reported in one line.
+TensorRT's TopK returns sorted output and takes K up to 3840 (ITopKLayer in include/NvInfer.h:
+"Currently only values up to 3840 are supported"). K may be a constant or, since TensorRT 10, a
+tensor computed at run time ("This layer can accept both static and dynamic k"); a run-time K
+cannot be checked against the limit here, so it is a warning, not an error (evit-deploy export
+writes constant K). Some ONNX operators have no TensorRT implementation at all (sequences, strings,
+integer-quantized linear algebra, training losses; from the ONNX-TensorRT operator support
+matrix); ops from custom domains need plugins. Every problem is collected and reported in one line.
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ def precheck_onnx(path: str | Path) -> OnnxPrecheck:
     problems = tensorrt_problems(model.graph)
     if problems:
         raise EvitDeployError(f"TensorRT cannot build {path.name}: " + "; ".join(problems))
+    runtime_k = [n.name or n.output[0] for n in _topk_nodes(model.graph) if _constant_k(n, model.graph) is None]
+    if runtime_k:
+        warnings.warn(
+            f"{path.name}: TopK node(s) {', '.join(runtime_k)} take K from a tensor computed at run "
+            f"time; TensorRT 10+ accepts that, but fails at run time if K exceeds {TOPK_MAX_K} "
+            "(evit-deploy export writes constant K)",
+            stacklevel=2,
+        )
     opset = next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), 0)
     if opset < MIN_FP16_OPSET:
         warnings.warn(
@@ -91,9 +102,7 @@ def tensorrt_problems(graph: onnx.GraphProto) -> list[str]:
     for node in _topk_nodes(graph):
         label = f"TopK node '{node.name or node.output[0]}'"
         k = _constant_k(node, graph)
-        if k is None:
-            problems.append(f"{label} has a K computed at run time (TensorRT needs a constant)")
-        elif k > TOPK_MAX_K:
+        if k is not None and k > TOPK_MAX_K:
             problems.append(f"{label} has K={k}, above TensorRT's TopK limit of {TOPK_MAX_K}")
         if _int_attribute(node, "sorted", 1) == 0:
             problems.append(f"{label} has sorted=0 (TensorRT's TopK always sorts)")

@@ -1,12 +1,14 @@
-"""Build settings of a TensorRT engine: precision, the batch profile, the memory pool, which layers
-stay in FP32. Pure data, checked before any TensorRT call, and stored in the engine header so the
-plain-ViT baseline can be rebuilt with exactly the same settings."""
+"""Build settings of a TensorRT engine: precision, the batch profile, the memory pool, which parts
+of the graph stay in FP32 when build-engine converts an FP32 ONNX to FP16. Pure data, checked
+before any TensorRT call, and stored in the engine header so the plain-ViT baseline can be rebuilt
+with exactly the same settings."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.export.precision import DEFAULT_ISLANDS, ISLANDS
 
 PRECISIONS = ("fp16", "fp32")
 
@@ -58,9 +60,14 @@ class BuildSettings:
     precision: str = "fp16"
     profile: BatchProfile = field(default_factory=BatchProfile)
     workspace_gb: float | None = None  # None: TensorRT's default (the GPU's memory)
-    fp32_layers: tuple[str, ...] = ()  # layer-name patterns kept in FP32 in an FP16 build
-    fp32_topk_scores: bool = True  # keep the class-attention scores that feed TopK in FP32
+    # ONNX node-name patterns kept in FP32 when an FP32 ONNX is converted to FP16 for the build
+    fp32_layers: tuple[str, ...] = ()
+    # FP32 islands of that conversion (evit_deploy.export.precision.ISLANDS)
+    fp32_islands: tuple[str, ...] = DEFAULT_ISLANDS
     timing_cache: str = ""  # "" : the default cache file for this TensorRT version and GPU
+    # ProfilingVerbosity.DETAILED: per-layer names, types and formats in the plan, for the engine
+    # inspector (benchmarks/trt_layer_precisions.py reads the FP32 islands' precisions with it)
+    detailed_profile: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -68,8 +75,12 @@ class BuildSettings:
         if self.workspace_gb is not None and not self.workspace_gb > 0:
             raise UsageError(f"--workspace must be a positive number of GB, got {self.workspace_gb}")
         object.__setattr__(self, "fp32_layers", tuple(self.fp32_layers))
+        object.__setattr__(self, "fp32_islands", tuple(self.fp32_islands))
         if any(not pattern.strip() for pattern in self.fp32_layers):
             raise UsageError("--fp32-layers patterns must not be empty")
+        unknown = [name for name in self.fp32_islands if name not in ISLANDS]
+        if unknown:
+            raise UsageError(f"unknown FP32 island(s) {', '.join(unknown)}; choose from {', '.join(ISLANDS)}")
 
     @property
     def workspace_bytes(self) -> int | None:
@@ -78,6 +89,7 @@ class BuildSettings:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["fp32_layers"] = list(self.fp32_layers)
+        out["fp32_islands"] = list(self.fp32_islands)
         return out
 
     @classmethod
@@ -85,6 +97,9 @@ class BuildSettings:
         data = dict(data)
         data["profile"] = BatchProfile(**data["profile"])
         data["fp32_layers"] = tuple(data.get("fp32_layers", ()))
+        if "fp32_topk_scores" in data:  # engine header format 1
+            data["fp32_islands"] = ("topk_scores",) if data.pop("fp32_topk_scores") else ()
+        data["fp32_islands"] = tuple(data.get("fp32_islands", DEFAULT_ISLANDS))
         return cls(**data)
 
 

@@ -1,25 +1,38 @@
-"""ONNX -> TensorRT engine with the TensorRT 10 Python API.
+"""ONNX -> TensorRT engine with the TensorRT 10.x / 11.x Python API.
 
-One optimization profile over the batch axis, a workspace limit, FP16 where the GPU has fast FP16
-(with the TopK scores and any named layers pinned to FP32), a timing cache saved and reused across
-builds, and a header carrying the model metadata in front of the plan. TensorRT is imported only
-when a build or a load starts, so everything else works without it.
+Every build is a strongly typed network (NetworkDefinitionCreationFlag.STRONGLY_TYPED): TensorRT
+runs each tensor in the type the ONNX graph gives it, so precision is decided in the graph. An FP16
+build of an FP32 ONNX first converts the graph to mixed precision (evit_deploy.export.precision,
+the same code `export --precision fp16` uses: FP16 weights and compute, FP32 islands, float32 I/O);
+an ONNX that is already FP16 builds as it is. No builder-flag precision is used anywhere
+(BuilderFlag.FP16, OBEY_PRECISION_CONSTRAINTS, ILayer.precision and set_output_type were deprecated
+in TensorRT 10.12, "Superseded by strong typing", and are gone from TensorRT 11).
+
+Also: one optimization profile over the batch axis, a workspace limit, TF32 off, a timing cache
+reused across builds (best effort: written after the engine), a build that Ctrl-C or SIGTERM
+cancels through IProgressMonitor, one TensorRT logger for the whole process, and a header carrying
+the model metadata in front of the plan. TensorRT is imported only when a build or a load starts,
+so everything else works without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from evit_deploy.engines.header import EngineHeader, read_engine_header, write_engine
 from evit_deploy.engines.precheck import precheck_onnx
-from evit_deploy.engines.precision import LayerInfo, select_fp32_layers
 from evit_deploy.engines.settings import BuildSettings
 from evit_deploy.engines.support import (
     MIN_TENSORRT_MAJOR,
@@ -30,6 +43,13 @@ from evit_deploy.engines.support import (
 )
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
+
+# TensorRT 10.x: NetworkDefinitionCreationFlag.kSTRONGLY_TYPED = 1 (kEXPLICIT_BATCH = 0 is
+# deprecated); TensorRT 11: kSTRONGLY_TYPED = 0, deprecated because strong typing is always on,
+# "retained for API compatibility but ignored" (include/NvInfer.h of NVIDIA/TensorRT release/10.16
+# and main, enum NetworkDefinitionCreationFlag). The Python name is the same in both
+# (python/src/infer/pyCore.cpp), so `1 << int(flag)` is right for both.
+STRONGLY_TYPED = "STRONGLY_TYPED"
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,22 @@ class BuildResult:
     seconds: float
     timing_cache: Path
     tensorrt_warnings: list[str]
+    timing_cache_saved: bool = True
+    converted: bool = False  # the FP16 graph was made here from an FP32 ONNX
+
+
+@dataclass
+class EngineGraph:
+    """The graph TensorRT parses: the ONNX file as it is, or its mixed-precision conversion."""
+
+    precision: str  # fp16 or fp32: what the strongly typed network computes in
+    data: bytes | None = None  # the converted graph; None: parse the file itself
+    fp32_nodes: list[str] = field(default_factory=list)  # FP16 graphs: nodes computing in FP32
+    fp32_islands: list[str] = field(default_factory=list)  # island kinds (and 'named') among them
+
+    @property
+    def converted(self) -> bool:
+        return self.data is not None
 
 
 def default_engine_path(onnx_path: str | Path, precision: str) -> Path:
@@ -129,23 +165,207 @@ def cuda_gpu(device: str | None) -> CudaGpu:
     return CudaGpu(index, torch.cuda.get_device_name(index), f"{major}.{minor}")
 
 
-def collecting_logger(trt):
-    """A TensorRT logger that keeps errors (for the one-line message) and warnings (shown after a
-    build) instead of printing TensorRT's chatter."""
+# ---------------------------------------------------------------------------------------------
+# One TensorRT logger for the process
 
-    class CollectingLogger(trt.ILogger):
+
+class TensorRTOperation:
+    """Where one operation's messages start in the process-wide TensorRT log."""
+
+    def __init__(self, logger, label: str, start: int):
+        self.logger, self.label, self.start = logger, label, start
+
+    @property
+    def errors(self) -> list[str]:
+        return self.logger.messages_since(self.start, ("INTERNAL_ERROR", "ERROR"))
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.logger.messages_since(self.start, ("WARNING",))
+
+    def raise_if_interrupted(self) -> None:
+        """Ctrl-C that arrived while TensorRT was calling log() (where raising is swallowed)."""
+        if self.logger.take_interrupt():
+            raise KeyboardInterrupt
+
+
+_LOGGER = None
+_LOGGER_LOCK = threading.Lock()
+
+
+def tensorrt_logger(trt):
+    """The process's TensorRT logger. TensorRT keeps a single logger pointer: a second logger
+    passed to another Builder or Runtime is ignored while the first one's objects live ("TensorRT
+    maintains only a single logger pointer at any given time", NVIDIA/TensorRT#1475), so messages
+    would land in a logger nobody reads. Every operation uses this one and marks where its
+    messages start (`start`)."""
+    global _LOGGER
+    with _LOGGER_LOCK:
+        if _LOGGER is None or _LOGGER.trt is not trt:  # a second module only in tests (fakes)
+            _LOGGER = _make_logger(trt)
+        return _LOGGER
+
+
+def _make_logger(trt):
+    class ProcessLogger(trt.ILogger):
+        """Keeps the latest messages (errors and warnings for the one-line reports) instead of
+        printing TensorRT's chatter. log() runs inside TensorRT's noexcept wrapper, which would
+        swallow an exception as "[ERROR] Exception caught in log()" (python/src/infer/pyCore.cpp,
+        PyLogger): it never raises, and a KeyboardInterrupt caught there is handed back to the
+        operation (TensorRTOperation.raise_if_interrupted)."""
+
+        MAX_MESSAGES = 10_000
+
         def __init__(self):
             trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.warnings: list[str] = []
+            self.trt = trt
+            self._lock = threading.Lock()
+            self._messages: deque[tuple[int, str, str]] = deque(maxlen=self.MAX_MESSAGES)
+            self._count = 0
+            self._interrupted = False
 
         def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                self.errors.append(_one_line(msg))
-            elif severity == trt.ILogger.Severity.WARNING:
-                self.warnings.append(_one_line(msg))
+            try:
+                name = getattr(severity, "name", str(severity)).split(".")[-1]
+                with self._lock:
+                    self._messages.append((self._count, name, _one_line(msg)))
+                    self._count += 1
+            except KeyboardInterrupt:
+                self._interrupted = True
+            except BaseException:  # noqa: BLE001 - nothing may escape into TensorRT
+                pass
 
-    return CollectingLogger()
+        def start(self, label: str) -> TensorRTOperation:
+            with self._lock:
+                start = self._count
+                self._messages.append((start, "OPERATION", label))
+                self._count += 1
+            return TensorRTOperation(self, label, start)
+
+        def messages_since(self, start: int, severities: tuple[str, ...]) -> list[str]:
+            with self._lock:
+                return [text for number, kind, text in self._messages if number >= start and kind in severities]
+
+        @property
+        def interrupt_pending(self) -> bool:
+            return self._interrupted
+
+        def take_interrupt(self) -> bool:
+            interrupted, self._interrupted = self._interrupted, False
+            return interrupted
+
+    return ProcessLogger()
+
+
+# ---------------------------------------------------------------------------------------------
+# Cancelling a build
+
+
+def _progress_monitor(trt, on_step: Callable[[str], None], logger):
+    """A trt.IProgressMonitor that shows the build's top-level phases and cancels the build once
+    interrupted: step_complete returning False asks TensorRT to stop (NvInfer.h, IProgressMonitor;
+    Python: config.progress_monitor, python/src/infer/pyCore.cpp). A KeyboardInterrupt raised in
+    a callback (here, or in the logger's log()) is caught (TensorRT's wrapper would swallow it)
+    and turned into a cancel."""
+
+    class BuildMonitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.interrupted: int | None = None  # the signal that asked to stop
+
+        def request_stop(self, signum, frame=None) -> None:
+            self.interrupted = signum
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            try:
+                if parent_phase is None:
+                    on_step(f"building: {phase_name}")
+            except KeyboardInterrupt:
+                self.interrupted = signal.SIGINT
+            except BaseException:  # noqa: BLE001 - a display problem must not stop the build
+                pass
+
+        def step_complete(self, phase_name, step):
+            try:
+                if logger.interrupt_pending and self.interrupted is None:
+                    self.interrupted = signal.SIGINT
+                return self.interrupted is None
+            except KeyboardInterrupt:
+                self.interrupted = signal.SIGINT
+                return False
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return BuildMonitor()
+
+
+@contextmanager
+def _stop_requests_to(monitor) -> Iterator[None]:
+    """While TensorRT builds, Ctrl-C and SIGTERM only ask the monitor to stop (the build then
+    ends at its next step and the interrupt is raised after it returns). Signals that were
+    ignored stay ignored; off the main thread nothing changes."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler in (signal.SIG_IGN, None):
+                continue
+            previous[signum] = handler
+            signal.signal(signum, monitor.request_stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def strongly_typed_flags(trt) -> int:
+    """create_network() flags for a strongly typed network, on TensorRT 10.x and 11.x."""
+    return 1 << int(getattr(trt.NetworkDefinitionCreationFlag, STRONGLY_TYPED))
+
+
+def engine_graph(
+    onnx_path: Path, settings: BuildSettings, gpu: CudaGpu, require_layer_matches: bool = True
+) -> EngineGraph:
+    """What TensorRT parses for these settings: an FP32 build, an FP16 ONNX as it is, or an FP32
+    ONNX converted to mixed precision here (FP32 islands from the settings)."""
+    from evit_deploy.export.onnx import load_onnx
+    from evit_deploy.export.precision import convert_to_fp16, fp32_compute_nodes, fp32_islands_of, is_fp16_model
+
+    model = load_onnx(onnx_path)  # graph and initializer types; weights only if converting
+    fast_fp16 = has_fast_fp16(gpu.compute_capability)
+    if is_fp16_model(model):
+        if settings.precision == "fp32":
+            raise UsageError(
+                f"{onnx_path.name} is an FP16 ONNX: a strongly typed build computes in the graph's "
+                "types, so --fp32 needs the FP32 export"
+            )
+        islands = fp32_islands_of(model)
+        if settings.fp32_layers:
+            raise UsageError(
+                f"{onnx_path.name} is already FP16 (its FP32 islands were chosen at export: "
+                f"{', '.join(islands) or 'none'}); --fp32-layers applies when build-engine converts "
+                "an FP32 ONNX"
+            )
+        if not fast_fp16:
+            warnings.warn(f"{gpu.name} has no fast FP16; the FP16 graph builds but runs slowly (use the FP32 export)", stacklevel=3)
+        return EngineGraph("fp16", None, fp32_compute_nodes(model), islands)
+    if settings.precision == "fp32":
+        return EngineGraph("fp32")
+    if not fast_fp16:
+        warnings.warn(f"{gpu.name} has no fast FP16; building FP32", stacklevel=3)
+        return EngineGraph("fp32")
+    import onnx
+
+    full = onnx.load(str(onnx_path))  # with its weights, external ones included
+    conversion = convert_to_fp16(full, settings.fp32_islands, settings.fp32_layers, require_layer_matches)
+    islands = [kind for kind, names in conversion.island_nodes.items() if names]
+    return EngineGraph("fp16", conversion.model.SerializeToString(), conversion.fp32_nodes, islands)
 
 
 def build_engine(
@@ -157,37 +377,35 @@ def build_engine(
     require_layer_matches: bool = True,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> BuildResult:
-    """Check the ONNX, build a serialized engine and write header + plan atomically."""
+    """Check the ONNX, build a strongly typed serialized engine and write header + plan
+    atomically; then, best effort, the timing cache."""
     onnx_path = Path(onnx_path)
     output = check_can_write(output or default_engine_path(onnx_path, settings.precision), force)
     on_step("checking the ONNX for TensorRT")
     check = precheck_onnx(onnx_path)
     shapes = settings.profile.shapes(check.input_dims)
     trt, gpu = require_tensorrt_gpu(device, "build-engine")
-    precision = settings.precision
-    if precision == "fp16" and not has_fast_fp16(gpu.compute_capability):
-        warnings.warn(f"{gpu.name} has no fast FP16; building FP32", stacklevel=2)
-        precision = "fp32"
-    if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
-        raise EvitDeployError(
-            f"TensorRT {trt.__version__} has no weakly-typed FP16 builds; install TensorRT 10.x "
-            "(pip install 'tensorrt>=10,<11') or build with --fp32"
-        )
+    on_step("preparing the graph")
+    graph = engine_graph(onnx_path, settings, gpu, require_layer_matches)
+    if graph.converted:
+        on_step(f"converted to FP16 with FP32 islands ({', '.join(graph.fp32_islands) or 'none'})")
     cache_path = Path(settings.timing_cache) if settings.timing_cache else default_timing_cache(trt.__version__, gpu)
     import torch
 
     started = time.perf_counter()
+    logger = tensorrt_logger(trt)
+    operation = logger.start(f"build-engine {onnx_path.name} ({graph.precision})")
     with torch.cuda.device(gpu.index):
-        logger = collecting_logger(trt)
         builder = trt.Builder(logger)
-        network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+        network = builder.create_network(strongly_typed_flags(trt))
         parser = trt.OnnxParser(network, logger)
         on_step("parsing the ONNX")
-        if not parser.parse_from_file(str(onnx_path)):
+        parsed = parser.parse(graph.data, str(onnx_path)) if graph.converted else parser.parse_from_file(str(onnx_path))
+        if not parsed:
             errors = [_one_line(str(parser.get_error(i))) for i in range(parser.num_errors)]
             raise EvitDeployError(
                 f"TensorRT {trt.__version__} cannot parse {onnx_path.name} ({len(errors)} "
-                f"error(s)): " + " | ".join(errors or logger.errors or ["no details"])
+                f"error(s)): " + " | ".join(errors or operation.errors or ["no details"])
             )
         config = builder.create_builder_config()
         if settings.workspace_bytes is not None:
@@ -195,115 +413,112 @@ def build_engine(
         profile = builder.create_optimization_profile()
         profile.set_shape(check.input_name, *shapes)
         config.add_optimization_profile(profile)
-        # TF32 would round FP32 matrix multiplies to FP16's 10-bit mantissa: FP32 layers stay FP32.
+        # TF32 would round FP32 matrix multiplies to FP16's 10-bit mantissa, FP32 islands
+        # included: off. (BuilderFlag.TF32 exists in TensorRT 10 and 11, "enabled by default".)
         config.clear_flag(trt.BuilderFlag.TF32)
-        pinned: list[str] = []
-        if precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-            pinned = pin_fp32_layers(trt, network, settings, require_layer_matches)
-            if pinned:
-                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        cache = _load_timing_cache(config, cache_path, logger)
-        on_step(f"building the {precision} engine (minutes; the timing cache speeds up rebuilds)")
-        plan = builder.build_serialized_network(network, config)
+        if settings.detailed_profile:  # ProfilingVerbosity.DETAILED: TensorRT 10 and 11
+            config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        cache = _load_timing_cache(config, cache_path)
+        monitor = _progress_monitor(trt, on_step, logger)
+        config.progress_monitor = monitor
+        on_step(f"building the {graph.precision} engine (minutes; Ctrl-C cancels; the timing cache speeds up rebuilds)")
+        with _stop_requests_to(monitor):
+            plan = builder.build_serialized_network(network, config)
+        if monitor.interrupted is not None:
+            logger.take_interrupt()
+            raise KeyboardInterrupt
+        operation.raise_if_interrupted()
         if plan is None:
             raise EvitDeployError(
                 f"TensorRT could not build {onnx_path.name}: "
-                + (" | ".join(logger.errors[-5:]) or "no details (out of GPU memory? try --workspace)")
+                + (" | ".join(operation.errors[-5:]) or "no details (out of GPU memory? try --workspace)")
             )
-        if cache is not None:
-            write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()), force=True)
+        cache_data = _serialize_timing_cache(config) if cache is not None else None
     header = EngineHeader(
         metadata=check.metadata,
         tensorrt_version=trt.__version__,
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
-        precision=precision,
+        precision=graph.precision,
         settings=settings,
         input_shape=list(shapes[0][1:]),
-        fp32_layers=pinned,
+        fp32_layers=graph.fp32_nodes,
         onnx=onnx_path.name,
+        fp32_islands=graph.fp32_islands,
     )
     on_step("writing")
-    write_engine(output, header, bytes(plan), force)
+    write_engine(output, header, bytes(plan), force)  # the engine first: the cache is optional
+    saved = _save_timing_cache(cache_path, cache_data)
     return BuildResult(
         path=output,
         header=header,
         size_bytes=output.stat().st_size,
         seconds=time.perf_counter() - started,
         timing_cache=cache_path,
-        tensorrt_warnings=list(dict.fromkeys(logger.warnings)),
+        tensorrt_warnings=list(dict.fromkeys(operation.warnings)),
+        timing_cache_saved=saved,
+        converted=graph.converted,
     )
-
-
-def pin_fp32_layers(trt, network, settings: BuildSettings, require_matches: bool) -> list[str]:
-    """Set FP32 compute and FP32 outputs on the selected layers that compute floats; returns
-    their names. Shape arithmetic and index outputs (TopK's second) are left alone."""
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    chosen = set(
-        select_fp32_layers(
-            [_describe(layer) for layer in layers],
-            settings.fp32_layers,
-            settings.fp32_topk_scores,
-            require_matches,
-        )
-    )
-    float_types = (trt.DataType.FLOAT, trt.DataType.HALF)
-    pinned = []
-    for layer in layers:
-        if layer.name not in chosen:
-            continue
-        outputs = [layer.get_output(i) for i in range(layer.num_outputs)]
-        floats = [i for i, t in enumerate(outputs) if t.dtype in float_types and not t.is_shape_tensor]
-        if not floats:
-            continue
-        layer.precision = trt.DataType.FLOAT
-        for index in floats:
-            layer.set_output_type(index, trt.DataType.FLOAT)
-        pinned.append(layer.name)
-    return pinned
 
 
 def build_baseline_engine(engine_path: str | Path, device: str | None = None) -> Path:
     """The plain-ViT (keep_rate 1.0) engine of the same weights, built with the same settings as
     `engine_path`, cached next to the cached baseline ONNX and reused while TensorRT, the GPU and
     the settings stay the same."""
+    from evit_deploy.export.precision import ISLANDS
     from evit_deploy.runtime.baseline import baseline_onnx
 
     header = read_engine_header(engine_path)
     trt, gpu = require_tensorrt_gpu(device, "the TensorRT baseline")
     onnx_path = baseline_onnx(header.metadata)
-    key = json.dumps([header.settings.to_dict(), trt.__version__, gpu.compute_capability, gpu.name])
+    settings = header.settings
+    islands = tuple(kind for kind in header.fp32_islands if kind in ISLANDS)
+    if header.precision == "fp16" and islands:  # the engine's islands (from export, if it was FP16)
+        settings = dataclasses.replace(settings, fp32_islands=islands)
+    key = json.dumps([settings.to_dict(), trt.__version__, gpu.compute_capability, gpu.name])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     target = onnx_path.with_name(f"{onnx_path.stem}_{digest}.plan")
     if not target.exists():  # written atomically: an existing file is a complete engine
-        build_engine(
-            onnx_path, target, header.settings, force=True, device=device, require_layer_matches=False
-        )
+        build_engine(onnx_path, target, settings, force=True, device=device, require_layer_matches=False)
     return target
 
 
-def _describe(layer) -> LayerInfo:
-    inputs = []
-    for index in range(layer.num_inputs):
-        tensor = layer.get_input(index)
-        inputs.append(tensor.name if tensor is not None else None)
-    outputs = tuple(layer.get_output(index).name for index in range(layer.num_outputs))
-    return LayerInfo(layer.name, layer.type.name, tuple(inputs), outputs)
-
-
-def _load_timing_cache(config, path: Path, logger):
-    """Reuse the cache file if TensorRT accepts it, else start an empty one (saved after the
-    build either way); None when no cache can be set at all."""
-    data = path.read_bytes() if path.is_file() else b""
+def _load_timing_cache(config, path: Path):
+    """Reuse the cache file if TensorRT accepts it, else start an empty one; None when no cache
+    can be set at all. A cache that cannot be read costs a warning, never the build."""
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError as exc:
+        warnings.warn(f"timing cache {path} cannot be read ({exc.strerror or exc}); starting a new one", stacklevel=3)
+        data = b""
     cache = config.create_timing_cache(data) if data else None
     if cache is None or not config.set_timing_cache(cache, False):
         if data:
-            logger.warnings.append(f"timing cache {path} is damaged or from another GPU/TensorRT; starting a new one")
+            warnings.warn(f"timing cache {path} is damaged or from another GPU/TensorRT; starting a new one", stacklevel=3)
         cache = config.create_timing_cache(b"")
         if cache is None or not config.set_timing_cache(cache, False):
             return None
     return cache
+
+
+def _serialize_timing_cache(config) -> bytes | None:
+    try:
+        return bytes(config.get_timing_cache().serialize())
+    except Exception as exc:  # noqa: BLE001 - the cache is best effort
+        warnings.warn(f"the timing cache could not be serialized ({_first_line(exc)}); the engine is not affected", stacklevel=3)
+        return None
+
+
+def _save_timing_cache(path: Path, data: bytes | None) -> bool:
+    """Write the cache after the engine; a failure is a warning (the next build is just slower)."""
+    if data is None:
+        return False
+    try:
+        write_bytes_atomic(path, data, force=True)
+    except (EvitDeployError, OSError) as exc:
+        warnings.warn(f"timing cache not saved ({exc}); the engine was written, the next build will be slower", stacklevel=3)
+        return False
+    return True
 
 
 def _one_line(text: str) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.onnx import read_onnx_metadata
+from evit_deploy.export.onnx import load_onnx, onnx_metadata
+from evit_deploy.export.precision import model_precision
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.runtime.backends import Backend, cpu_name
 
@@ -60,7 +61,8 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.metadata = read_onnx_metadata(self.path)
+        graph = load_onnx(self.path)  # graph and initializer types, not the weights
+        self.metadata = onnx_metadata(graph, self.path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # Idle intra-op threads would otherwise spin for a while after each run, stealing the
@@ -80,8 +82,10 @@ class OnnxRuntimeBackend(Backend):
         active = self.session.get_providers()
         self.provider = active[0]
         self.device_name = cpu_name() if self.provider == "CPUExecutionProvider" else _gpu_name()
-        input_type = self.session.get_inputs()[0].type
-        self.precision = "fp16" if "float16" in input_type else self.metadata.precision
+        # A reduced-precision file says so in its metadata (int8, fp16); an FP16 graph keeps
+        # float32 I/O, so its weights tell it apart otherwise. It runs as it is on every provider.
+        meta_precision = self.metadata.precision
+        self.precision = meta_precision if meta_precision != "fp32" else model_precision(graph)
         self.input_name = self.metadata.input_name
         self.output_name = self.metadata.output_name
 

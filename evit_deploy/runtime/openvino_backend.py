@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evit_deploy.engines.precision import LayerInfo, topk_score_layers
+from evit_deploy.export.score_path import LayerInfo, topk_score_layers
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.runtime.backends import Backend

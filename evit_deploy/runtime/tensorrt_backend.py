@@ -1,10 +1,12 @@
-"""TensorRT backend: an evit-deploy engine run with the TensorRT 10 name-based I/O API.
+"""TensorRT backend: an evit-deploy engine run with the TensorRT 10/11 name-based I/O API.
 
 I/O buffers are torch CUDA tensors (no pycuda). Each run sets the input shape for its batch,
 points the execution context at the buffers and enqueues with execute_async_v3 on a private CUDA
 stream, bracketed by CUDA events that measure the GPU compute time. Output buffers grow when a
 larger batch arrives and are reused for smaller ones. One execution context holds per-call state,
-so the backend is not thread-safe (the Predictor serialises calls).
+so the backend is not thread-safe (the Predictor serialises calls). TensorRT's messages go to the
+process-wide logger (engines.tensorrt.tensorrt_logger); each load and run marks where its own
+messages start.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from evit_deploy.engines.header import check_compatible, read_engine
-from evit_deploy.engines.tensorrt import collecting_logger, require_tensorrt_gpu, torch_dtype_name
+from evit_deploy.engines.tensorrt import require_tensorrt_gpu, tensorrt_logger, torch_dtype_name
 from evit_deploy.errors import EvitDeployError
 from evit_deploy.runtime.backends import Backend
 
@@ -46,14 +48,16 @@ class TensorRTBackend(Backend):
         self.device_name = gpu.name
         self.provider = f"TensorRT {trt.__version__}"
         self.device = torch.device("cuda", gpu.index)
-        self._logger = collecting_logger(trt)
+        self._logger = tensorrt_logger(trt)
+        loading = self._logger.start(f"load {self.path.name}")
         with torch.cuda.device(self.device):
             self._runtime = trt.Runtime(self._logger)
             self.engine = self._runtime.deserialize_cuda_engine(plan)
+            loading.raise_if_interrupted()
             if self.engine is None:
                 raise EvitDeployError(
                     f"TensorRT cannot load {self.path.name} ("
-                    + (" | ".join(self._logger.errors[-3:]) or "no details")
+                    + (" | ".join(loading.errors[-3:]) or "no details")
                     + "); rebuild it with `evit-deploy build-engine`"
                 )
             self.context = self.engine.create_execution_context()
@@ -104,6 +108,7 @@ class TensorRTBackend(Backend):
             if not context.set_input_shape(self.input_name, tuple(prepared.shape)):
                 raise EvitDeployError(f"TensorRT rejected input shape {tuple(prepared.shape)}")
             self._batch = batch
+        running = self._logger.start(f"run {self.path.name}, batch {batch}")
         context.set_tensor_address(self.input_name, prepared.data_ptr())
         outputs = {name: self._output(name) for name in self.output_names}
         for name, tensor in outputs.items():
@@ -114,10 +119,11 @@ class TensorRTBackend(Backend):
             ok = context.execute_async_v3(self.stream.cuda_stream)
             self._end.record(self.stream)
         self.stream.synchronize()
+        running.raise_if_interrupted()
         if not ok:
             raise EvitDeployError(
                 f"TensorRT failed to run {self.path.name}: "
-                + (" | ".join(self._logger.errors[-3:]) or "no details")
+                + (" | ".join(running.errors[-3:]) or "no details")
             )
         self._gpu_ms.append(self._start.elapsed_time(self._end))
         return outputs

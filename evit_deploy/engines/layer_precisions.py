@@ -1,0 +1,87 @@
+"""Which precision a built engine really runs its FP32 islands in, read back with TensorRT's engine
+inspector (engines built with `build-engine --detailed-profile`, ProfilingVerbosity.DETAILED).
+
+The inspector describes each engine layer as JSON: "Name", "LayerType", and "Inputs"/"Outputs"
+with each tensor's "Name" and "Format/Datatype" (e.g. "Row major linear FP32", "Half"; the same
+fields Polygraphy reads, tools/Polygraphy/polygraphy/backend/trt/util.py in NVIDIA/TensorRT).
+Tensors of an ONNX-parsed network keep their ONNX names, so the outputs of the graph's FP32 nodes
+can be found in it. Inside a fused region (a Myelin "ForeignNode") only the region's boundary
+tensors are visible; an island tensor that is not visible is reported as such, not guessed.
+The checking is pure (tested without a GPU); `engine_layers` needs TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import onnx
+
+FP32_WORDS = ("FP32", "FLOAT")
+FP16_WORDS = ("FP16", "HALF")
+
+
+@dataclass
+class IslandPrecisions:
+    """Island tensors seen in the engine, by precision; those not visible (fused away)."""
+
+    fp32: dict[str, str] = field(default_factory=dict)  # tensor -> its Format/Datatype
+    not_fp32: dict[str, str] = field(default_factory=dict)
+    not_visible: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.not_fp32
+
+    def summary(self) -> str:
+        parts = [f"{len(self.fp32)} island tensor(s) FP32"]
+        if self.not_fp32:
+            shown = ", ".join(f"{name} ({kind})" for name, kind in list(self.not_fp32.items())[:5])
+            parts.append(f"{len(self.not_fp32)} NOT FP32: {shown}")
+        if self.not_visible:
+            parts.append(f"{len(self.not_visible)} inside fused layers (precision not visible)")
+        return "; ".join(parts)
+
+
+def island_tensors(model: onnx.ModelProto, fp32_nodes: list[str]) -> dict[str, str]:
+    """Float outputs of the graph's FP32 nodes (tensor -> node): what must be FP32 in the engine.
+    `model` is the graph TensorRT built (the converted one for an FP32 ONNX)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output, *graph.value_info]}
+    wanted = set(fp32_nodes)
+    return {
+        output: node.name
+        for node in graph.node
+        if node.name in wanted
+        for output in node.output
+        if types.get(output) in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    }
+
+
+def check_island_precisions(layers: list[dict], tensors: dict[str, str]) -> IslandPrecisions:
+    """Compare the inspector's layer descriptions with the island tensors."""
+    result = IslandPrecisions()
+    for layer in layers:
+        for tensor in [*layer.get("Inputs", []), *layer.get("Outputs", [])]:
+            name = tensor.get("Name")
+            if name not in tensors or name in result.fp32 or name in result.not_fp32:
+                continue
+            kind = str(tensor.get("Format/Datatype", ""))
+            upper = kind.upper()
+            if any(word in upper for word in FP32_WORDS) and not any(word in upper for word in FP16_WORDS):
+                result.fp32[name] = kind
+            else:
+                result.not_fp32[name] = kind
+    seen = set(result.fp32) | set(result.not_fp32)
+    result.not_visible = [name for name in tensors if name not in seen]
+    return result
+
+
+def engine_layers(trt, engine) -> list[dict]:
+    """Every layer's description from TensorRT's engine inspector, as dicts (DETAILED engines;
+    otherwise only names are available and the check sees no tensors)."""
+    inspector = engine.create_engine_inspector()
+    information = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = information.get("Layers", []) if isinstance(information, dict) else []
+    return [layer if isinstance(layer, dict) else {"Name": str(layer)} for layer in layers]
