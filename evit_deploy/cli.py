@@ -130,31 +130,44 @@ def export(
         None, help="Class names, one per line in class-id order (default: labels.txt beside the checkpoint)."
     ),
     validate_dir: Optional[Path] = typer.Option(
-        None, help="Also validate on every image in this folder (e.g. held-out data)."
+        None, help="Also validate on every image in this folder (e.g. held-out data; needed for fp16)."
+    ),
+    precision: str = typer.Option("fp32", help="fp32, or fp16: FP16 weights and compute with FP32 islands (float32 I/O)."),
+    fp32_islands: str = typer.Option(
+        "topk_scores", help="fp16 only: what stays FP32, comma-separated: topk_scores (the class attention TopK ranks), layernorm; or none."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Export a checkpoint to ONNX (dynamic batch), validated against PyTorch before it is written."""
     from evit_deploy.export import export_onnx
     from evit_deploy.export.onnx import check_opset
+    from evit_deploy.export.validate import ValidationFailed
     from evit_deploy.fileio import check_can_write
     from evit_deploy.model import build_model
 
     config = _model_config(model, keep_rate, drop_loc, fuse_token, img_size)
     check_opset(opset)
-    output = output or Path(default_onnx_name(config))
+    output = output or Path(default_onnx_name(config, precision))
     check_can_write(output, force)
-    with err_console.status("loading model") as status:
-        net = build_model(config, checkpoint, labels=labels)
-        result = export_onnx(
-            net,
-            output,
-            opset=opset,
-            force=force,
-            with_token_indices=with_token_indices,
-            validate_dir=validate_dir,
-            on_step=lambda step: status.update(step),
-        )
+    islands = () if fp32_islands.strip() == "none" else tuple(p.strip() for p in fp32_islands.split(",") if p.strip())
+    title = "Validation: ONNX Runtime vs PyTorch" + (f" FP32 ({precision}, FP32 islands: {', '.join(islands) or 'none'})" if precision != "fp32" else "")
+    try:
+        with err_console.status("loading model") as status:
+            net = build_model(config, checkpoint, labels=labels)
+            result = export_onnx(
+                net,
+                output,
+                opset=opset,
+                force=force,
+                with_token_indices=with_token_indices,
+                validate_dir=validate_dir,
+                precision=precision,
+                fp32_islands=islands,
+                on_step=lambda step: status.update(step),
+            )
+    except ValidationFailed as failed:
+        (err_console if as_json else console).print(validation_table(failed.report, title))
+        raise
     meta = result.metadata
     if as_json:
         print(
@@ -170,9 +183,10 @@ def export(
             )
         )
         return
-    console.print(validation_table(result.report))
+    console.print(validation_table(result.report, title))
     summary = [
-        f"[bold green]exported[/] {escape(str(result.path))} ({result.size_bytes / 2**20:.1f} MiB, opset {result.opset})",
+        f"[bold green]exported[/] {escape(str(result.path))} ({result.size_bytes / 2**20:.1f} MiB, opset {result.opset}, {meta.precision}"
+        + (f", FP32 islands: {', '.join(meta.fp32_islands) or 'none'})" if meta.precision == "fp16" else ")"),
         f"model           {meta.model}, keep_rate {meta.keep_rate}, drop_loc {meta.drop_loc}, fuse_token {meta.fuse_token}",
         f"TopK K          {meta.topk_k or 'none (plain ViT)'}",
         f"tokens/block    {meta.tokens_per_block}",
@@ -184,10 +198,11 @@ def export(
         console.print(line, soft_wrap=True, highlight=False)
 
 
-def default_onnx_name(config) -> str:
+def default_onnx_name(config, precision: str = "fp32") -> str:
     suffix = f"_keep{config.keep_rate:g}" if config.is_evit else ""
     size = f"_{config.img_size}px" if config.img_size != 224 else ""
-    return f"{config.model}{suffix}{size}.onnx"
+    kind = f".{precision}" if precision != "fp32" else ""
+    return f"{config.model}{suffix}{size}{kind}.onnx"
 
 
 def validation_table(report, title: str = "Validation: ONNX Runtime vs PyTorch") -> Table:
@@ -637,7 +652,8 @@ def quantize(
 ) -> None:
     """INT8 quantization of an exported ONNX (TopK score path kept in float), validated against the
     FP32 file on held-out images; nothing is written when a precision gate is missed."""
-    from evit_deploy.export.quantize import GatesMissed, default_int8_name, quantize_onnx
+    from evit_deploy.export.quantize import default_int8_name, quantize_onnx
+    from evit_deploy.export.validate import ValidationFailed
     from evit_deploy.fileio import check_can_write, write_bytes_atomic
 
     output = output or default_int8_name(model)
@@ -651,7 +667,7 @@ def quantize(
                 validate_dir=validate_dir, accept_failed_gates=accept_failed_gates, force=force,
                 on_step=status.update,
             )
-    except GatesMissed as missed:
+    except ValidationFailed as missed:
         (err_console if as_json else console).print(validation_table(missed.report, title))
         raise
     meta = result.metadata

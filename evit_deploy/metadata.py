@@ -41,6 +41,7 @@ class ArtifactMetadata:
     evit_deploy_version: str = __version__
     precision: str = "fp32"  # the graph's: fp32, or int8 for a quantized file
     quantization: dict = field(default_factory=dict)  # int8: method, calibration set, gates
+    fp32_islands: list[str] = field(default_factory=list)  # fp16: the parts kept in FP32
 
     @classmethod
     def from_model(cls, model, with_token_indices: bool = False) -> "ArtifactMetadata":

@@ -5,6 +5,7 @@ Runtime's CPU provider runs the result with logits close to FP32's."""
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import numpy as np
@@ -16,7 +17,7 @@ from conftest import TINY, config_for, fresh_model
 from onnx import TensorProto, helper, numpy_helper
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.onnx import _WithTokenIndices, simplify, trace_to_onnx
+from evit_deploy.export.onnx import _WithTokenIndices, export_graph, simplify
 from evit_deploy.export.precision import (
     DEFAULT_ISLANDS,
     convert_all_fp16,
@@ -36,21 +37,21 @@ CONFIG = config_for(TINY, keep_rate=0.7, img_size=96)  # 36 patches: 3 drops, se
 SCORE_PATH = ["MatMul", "Mul", "Softmax", "Gather", "Slice", "ReduceMean", "TopK"]
 
 
-def export_dynamo(model, with_token_indices: bool = True) -> onnx.ModelProto:
-    """The torch.export-based exporter (dynamo=True), dynamic batch, as export will use it."""
-    pytest.importorskip("onnxscript", reason="the torch.export-based ONNX exporter needs onnxscript")
-    meta = ArtifactMetadata.from_config(model.config, with_token_indices=with_token_indices)
+def export_torchscript(model) -> onnx.ModelProto:
+    """The older TorchScript exporter (dynamo=False): an ONNX the user brings from elsewhere, with
+    other node names and op patterns, that build-engine must convert just as well."""
+    meta = ArtifactMetadata.from_config(model.config, with_token_indices=True)
     names = [OUTPUT_NAME, *meta.token_index_outputs]
     size = model.config.img_size
-    batch = torch.export.Dim("batch", min=1, max=1024)
+    buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            _WithTokenIndices(model).eval(), (torch.zeros(2, 3, size, size),), dynamo=True,
-            opset_version=18, input_names=[INPUT_NAME], output_names=names,
-            dynamic_shapes={"images": {0: batch}}, verbose=False,
+        torch.onnx.export(
+            _WithTokenIndices(model).eval(), (torch.zeros(2, 3, size, size),), buffer, dynamo=False,
+            opset_version=17, input_names=[INPUT_NAME], output_names=names,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *names]},
         )
-    return program.model_proto
+    return onnx.load_from_string(buffer.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def graphs(model) -> dict[str, onnx.ModelProto]:
-    """The same model from both exporters, as traced and as simplified by onnxslim."""
-    traced = trace_to_onnx(model, 17, with_token_indices=True)
-    dynamo = export_dynamo(model)
+    """The same model from both PyTorch exporters, as exported and as simplified by onnxslim."""
+    traced = export_torchscript(model)
+    dynamo = export_graph(model, 18, with_token_indices=True)
     return {
         "torchscript": traced,
         "torchscript-slim": simplify(traced),
@@ -151,12 +152,19 @@ def test_no_softmax_no_island_and_unknown_islands():
 
 
 def test_named_nodes_become_islands(graphs):
-    proto = graphs["torchscript-slim"]
-    found = island_nodes(proto, (), ["/model/blocks.0/mlp/fc1/MatMul", "*/blocks.11/norm2/*"])
-    assert found == {"named": ["/model/blocks.0/mlp/fc1/MatMul", "/model/blocks.11/norm2/LayerNormalization"]}
-    with pytest.raises(UsageError, match=r"'Nope' matched no ONNX node; node names look like '/model/blocks\.0/attn/Softmax'"):
+    """--fp32-layers names nodes by the module scopes the exporter records (kept through onnxslim),
+    since the node names themselves are generated ('node_Softmax_62')."""
+    proto = graphs["dynamo-slim"]
+    found = island_nodes(proto, (), ["blocks.0.mlp.fc1", "*/blocks.11.norm2/*"])
+    kinds = {n.name: n.op_type for n in proto.graph.node}
+    assert [kinds[name] for name in found["named"]] == ["MatMul", "Add", "LayerNormalization"]
+    assert all(name.startswith("node_") for name in found["named"])
+    with pytest.raises(UsageError, match=r"'Nope' matched no ONNX node; node names look like 'blocks\.0/blocks\.0\.attn/.*Softmax"):
         island_nodes(proto, (), ["Nope"])
     assert island_nodes(proto, (), ["Nope"], require_matches=False) == {"named": []}
+    # a foreign ONNX without scopes is matched by its node names
+    names = island_nodes(graphs["torchscript-slim"], (), ["/blocks.11/norm2/"])["named"]
+    assert names == ["/model/blocks.11/norm2/LayerNormalization"]
 
 
 # ---------------------------------------------------------------------------------------------

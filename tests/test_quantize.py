@@ -22,7 +22,8 @@ from evit_deploy.data.shapes import CLASSES, write_dataset
 from evit_deploy.errors import UsageError
 from evit_deploy.export import export_onnx
 from evit_deploy.export.onnx import read_onnx_metadata
-from evit_deploy.export.quantize import GatesMissed, calibration_set, quantize_onnx
+from evit_deploy.export.quantize import calibration_set, quantize_onnx
+from evit_deploy.export.validate import ValidationFailed
 from evit_deploy.export.score_path import score_path_nodes
 from evit_deploy.export.validate import GATES, Gates
 from evit_deploy.runtime import Predictor
@@ -105,7 +106,7 @@ def test_correct_int8_is_written_with_its_numbers_and_provenance(shapes_onnx, fo
 
 def test_broken_int8_misses_the_gates_and_writes_nothing(shapes_onnx, folders, tmp_path):
     out = tmp_path / "broken.int8.onnx"
-    with pytest.raises(GatesMissed) as info:
+    with pytest.raises(ValidationFailed) as info:
         quantize_onnx(
             shapes_onnx, out, method="static", calibration_dir=folders / "black",
             validate_dir=folders / "held_out", exclude_score_path=False,

@@ -6,10 +6,11 @@ One function per step, as in Ultralytics' exporter: export, simplify, check, sta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import torch
 from onnx import numpy_helper
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.validate import ValidationReport, validate_onnx
+from evit_deploy.export.precision import DEFAULT_ISLANDS, ISLANDS, NAME_SCOPES, convert_to_fp16
+from evit_deploy.export.validate import GATES, ValidationFailed, ValidationReport, validate_onnx
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 from evit_deploy.model.vit import EViT
@@ -31,6 +33,7 @@ MIN_OPSET = 18
 MAX_OPSET = 23  # the newest this torch exports (torch.onnx._constants.ONNX_MAX_OPSET)
 DEFAULT_OPSET = 18
 TRACE_BATCH = 2  # validation runs another batch size, proving the batch axis is really dynamic
+PRECISIONS = ("fp32", "fp16")
 MAX_BATCH = 1 << 20  # the batch axis' upper bound for torch.export (ONNX keeps it symbolic)
 
 
@@ -90,15 +93,25 @@ def export_graph(model: EViT, opset: int, with_token_indices: bool) -> onnx.Mode
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant-fold and fuse with onnxslim (shape arithmetic on the static token axis folds
-    away); the dynamic batch axis is kept."""
+    away); the dynamic batch axis and the nodes' module scopes (for --fp32-layers) are kept."""
     try:
         import onnxslim
     except ImportError:
         warnings.warn("onnxslim is not installed: the graph is exported without simplification")
         return model
+    scopes = {
+        node.name: prop.value
+        for node in model.graph.node
+        for prop in node.metadata_props
+        if prop.key == NAME_SCOPES
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return onnxslim.slim(model)
+        slim = onnxslim.slim(model)
+    for node in slim.graph.node:  # onnxslim drops node metadata: keep the module scopes
+        if node.name in scopes:
+            node.metadata_props.add(key=NAME_SCOPES, value=scopes[node.name])
+    return slim
 
 
 def topk_constant_ks(model: onnx.ModelProto) -> list[int]:
@@ -180,16 +193,30 @@ def export_onnx(
     force: bool = False,
     with_token_indices: bool = False,
     validate_dir: str | Path | None = None,
+    precision: str = "fp32",
+    fp32_islands: Sequence[str] = DEFAULT_ISLANDS,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> ExportResult:
     """Export, validate against `model` (also on the images under validate_dir, if given) and only
     then write `output` atomically.
 
+    precision "fp16": FP16 weights and compute with `fp32_islands` kept in FP32 (precision.py),
+    float32 input and logits; judged by the FP16 gates on validate_dir, which it then needs.
     A file that fails validation is never written, so a path that exists is always a checked
     export.
     """
     check_opset(opset)
     output = check_can_write(output, force)
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    unknown = sorted(set(fp32_islands) - set(ISLANDS))
+    if unknown:
+        raise UsageError(f"unknown FP32 island(s) {', '.join(unknown)}; choose from {', '.join(ISLANDS)}")
+    if precision != "fp32" and validate_dir is None:
+        raise UsageError(
+            f"{precision} is judged on held-out images: pass --validate-dir DIR (images the model "
+            "was not trained on, in class folders to measure accuracy)"
+        )
     if validate_dir is not None:
         image_files(validate_dir)  # a missing or empty folder fails now, not after tracing
     model = model.eval()
@@ -201,13 +228,20 @@ def export_onnx(
     metadata = ArtifactMetadata.from_model(model, with_token_indices)
     if ks != metadata.topk_k:
         raise EvitDeployError(f"exported TopK K values {ks} differ from the plan {metadata.topk_k}")
+    if precision == "fp16":
+        on_step(f"converting to FP16 with FP32 islands ({', '.join(fp32_islands) or 'none'})")
+        proto = convert_to_fp16(proto, fp32_islands).model
+        metadata = dataclasses.replace(metadata, precision="fp16", fp32_islands=list(fp32_islands))
     stamp_metadata(proto, metadata)
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     on_step("validating")
-    report = validate_onnx(model, data, validate_dir=validate_dir)
+    report = validate_onnx(model, data, validate_dir=validate_dir, gates=GATES.get(precision))
     if not report.passed:
-        raise EvitDeployError(f"export failed validation, nothing written: {report.failure_summary()}")
+        raise ValidationFailed(
+            f"{precision} export failed validation, nothing written: {report.failure_summary()}",
+            report,
+        )
     on_step("writing")
     write_bytes_atomic(output, data, force)
     return ExportResult(output, metadata, report, len(data), opset)

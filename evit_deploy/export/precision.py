@@ -28,6 +28,7 @@ islands:
 
 from __future__ import annotations
 
+import ast
 import warnings
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from evit_deploy.errors import EvitDeployError, UsageError
+
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata the torch.export exporter writes
 
 ISLANDS = ("topk_scores", "layernorm")
 DEFAULT_ISLANDS = ("topk_scores",)
@@ -105,14 +108,23 @@ def island_nodes(
     if "layernorm" in islands:
         found["layernorm"] = layernorm_nodes(model)
     if patterns:
-        names = [n.name for n in model.graph.node if n.op_type != "Constant"]
+        names = {qualified_name(n): n.name for n in model.graph.node if n.op_type != "Constant"}
         matched, unmatched = match_names(names, patterns)
+        matched = [names[name] for name in matched]
         if unmatched and require_matches:
-            example = next((n.name for n in model.graph.node if n.op_type == "Softmax"), None)
+            example = next((qualified_name(n) for n in model.graph.node if n.op_type == "Softmax"), None)
             hint = f"; node names look like '{example}'" if example else ""
             raise UsageError(f"--fp32-layers {', '.join(map(repr, unmatched))} matched no ONNX node{hint}")
         found["named"] = matched
     return found
+
+
+def qualified_name(node: onnx.NodeProto) -> str:
+    """The module scopes the torch.export exporter records with a node, then its name
+    ('blocks.0/blocks.0.attn/node_Softmax_62'): its generated names alone ('node_Softmax_62')
+    say nothing a user could write in --fp32-layers."""
+    scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), "[]")
+    return "/".join([*(s for s in ast.literal_eval(scopes) if s), node.name])
 
 
 def match_names(names: Iterable[str], patterns: Sequence[str]) -> tuple[list[str], list[str]]:

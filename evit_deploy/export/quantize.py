@@ -35,7 +35,7 @@ import onnx
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export.onnx import load_onnx, onnx_metadata, stamp_metadata
 from evit_deploy.export.score_path import score_path_nodes
-from evit_deploy.export.validate import GATES, Gates, ValidationReport, onnx_runner, validate
+from evit_deploy.export.validate import GATES, Gates, ValidationFailed, ValidationReport, onnx_runner, validate
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.preprocess import image_files, preprocess
@@ -46,15 +46,6 @@ DEFAULT_CALIBRATION_IMAGES = 256
 # static: quantize only MatMuls with a weight; attention's activation x activation products (the
 # softmax probabilities x V above all, whose small probabilities uint8 rounds to zero) stay float
 STATIC_WEIGHT_MATMULS_ONLY = True  # spread over the folder; more rarely moves MinMax ranges
-
-
-class GatesMissed(EvitDeployError):
-    """The INT8 model missed a precision gate; nothing was written. Carries the report so the
-    CLI can print the table before the one-line error."""
-
-    def __init__(self, message: str, report: ValidationReport):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass(frozen=True)
@@ -254,7 +245,7 @@ def quantize_onnx(
     on_step("validating against FP32")
     report = validate(onnx_runner(fp32), onnx_runner(quantized), meta, validate_dir=validate_dir, gates=gates)
     if not report.passed and not accept_failed_gates:
-        raise GatesMissed(
+        raise ValidationFailed(
             f"int8 ({method}) missed the precision gates, nothing written: {report.failure_summary()} "
             "(--accept-failed-gates writes it anyway, recorded in its metadata)",
             report,

@@ -147,6 +147,15 @@ class CaseResult:
         return not self.missed_gates()
 
 
+class ValidationFailed(EvitDeployError):
+    """An artifact missed its precision gates, so nothing was written. Carries the report, so the
+    CLI can print the table before the one-line error."""
+
+    def __init__(self, message: str, report: "ValidationReport"):
+        super().__init__(message)
+        self.report = report
+
+
 @dataclass(frozen=True)
 class ValidationReport:
     cases: list[CaseResult]
