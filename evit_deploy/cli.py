@@ -577,7 +577,8 @@ def build_engine_command(
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Versions, GPU, and which backends, exports and engine builds work here (and what to install)."""
+    """Versions, GPU, and which backends, exports, builds, serving and plots work here (and what
+    to install)."""
 
     from evit_deploy.doctor import diagnose
 
@@ -585,7 +586,10 @@ def doctor(
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
-    console.print(f"evit-deploy {report.evit_deploy}, Python {report.python}, {report.platform}")
+    console.print(
+        f"evit-deploy {report.evit_deploy}, Python {report.python}, {report.platform}, "
+        f"glibc {report.glibc or 'none'}"
+    )
     packages = Table(title="Packages")
     for column in ("package", "version", "status"):
         packages.add_column(column)
@@ -602,7 +606,7 @@ def doctor(
             f"GPU {gpu.index}           {gpu.name}, compute capability {gpu.compute_capability}, "
             f"{gpu.memory_gib:.1f} GiB, fast FP16 {'yes' if gpu.fast_fp16 else 'no'}"
         )
-    for title, rows in (("Backends", report.backends), ("Exports and builds", report.actions)):
+    for title, rows in (("Backends", report.backends), ("Exports, builds, serving, plots", report.actions)):
         table = Table(title=title)
         for column in ("", "available", "uses / to enable"):
             table.add_column(column)

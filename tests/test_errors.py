@@ -37,7 +37,7 @@ from PIL import Image
 from evit_deploy.engines.header import EngineHeader, encode_header
 from evit_deploy.engines.settings import BuildSettings
 from evit_deploy.errors import EvitDeployError
-from evit_deploy.export.onnx import read_onnx_metadata
+from evit_deploy.metadata import read_onnx_metadata
 from evit_deploy.runtime import Predictor
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"

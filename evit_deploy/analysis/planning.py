@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from evit_deploy.errors import UsageError
-from evit_deploy.export.onnx import read_onnx_metadata
-from evit_deploy.model.checkpoint import infer_model_name, read_state_dict
+from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.metadata import ArtifactMetadata, read_onnx_metadata
 from evit_deploy.model.config import DEFAULT_DROP_LOC, EvitConfig
 from evit_deploy.model.flops import BlockMacs, block_macs, count_macs, count_params
 
@@ -144,8 +143,8 @@ def resolve_config(
     img_size: int | None = None,
 ) -> EvitConfig:
     """The configuration behind a model name, a checkpoint (architecture and head read off its
-    weights) or an exported ONNX (its metadata; its token counts are fixed, so settings that
-    differ are refused)."""
+    weights) or an exported ONNX or engine (its metadata; its token counts are fixed, so settings
+    that differ are refused). Exported files are read without torch or onnxruntime."""
     given = {
         "keep_rate": keep_rate,
         "drop_loc": drop_loc,
@@ -155,8 +154,8 @@ def resolve_config(
     overrides = {k: v for k, v in given.items() if v is not None}
     path = Path(target)
     suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        config = read_onnx_metadata(path).to_config()
+    if suffix in (".onnx", ".plan", ".engine"):
+        config = exported_metadata(path).to_config()
         differing = [
             f"{k} {getattr(config, k)}" for k, v in overrides.items() if getattr(config, k) != v
         ]
@@ -166,14 +165,25 @@ def resolve_config(
                 f"fixed; give the model name ({config.model}) to see other settings"
             )
         return config
-    if suffix in (".plan", ".engine"):
-        raise UsageError(
-            f"info reads ONNX files, checkpoints and model names; give the ONNX that {path.name} "
-            "was built from"
-        )
     if suffix in (".pth", ".pt", ".safetensors"):
+        from evit_deploy.model.checkpoint import infer_model_name, read_state_dict
+
         state = read_state_dict(path)
         head = state.get("head.weight")
         classes = {"num_classes": head.shape[0]} if head is not None and head.ndim == 2 else {}
         return EvitConfig(infer_model_name(state, path), **overrides, **classes)
+    if path.exists():
+        raise EvitDeployError(
+            f"{target} is not an ONNX model (.onnx), an evit-deploy engine (.plan/.engine) or a "
+            "checkpoint (.pth/.pt/.safetensors)"
+        )
     return EvitConfig(target, **overrides)
+
+
+def exported_metadata(path: Path) -> ArtifactMetadata:
+    """The metadata of an exported ONNX, or of an engine (its header, no TensorRT needed)."""
+    if path.suffix.lower() == ".onnx":
+        return read_onnx_metadata(path)
+    from evit_deploy.engines.header import read_engine_header
+
+    return read_engine_header(path).metadata

@@ -20,6 +20,7 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export.validate import ValidationReport, validate_onnx
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
+from evit_deploy.metadata import load_onnx, onnx_metadata  # noqa: F401 - engines.precheck's import
 from evit_deploy.model.vit import EViT
 
 MIN_OPSET = 17  # LayerNormalization is a single node from 17 on (TensorRT FP16 needs that)
@@ -119,32 +120,6 @@ def stamp_metadata(model: onnx.ModelProto, metadata: ArtifactMetadata) -> None:
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     model.producer_name = "evit-deploy"
     model.producer_version = metadata.evit_deploy_version
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """An ONNX file's graph and metadata (external weights not loaded); a missing, empty or
-    unparsable file is one EvitDeployError."""
-    path = Path(path)
-    if not path.exists():
-        raise EvitDeployError(f"ONNX file not found: {path}")
-    if path.is_dir():
-        raise EvitDeployError(f"{path} is a directory; give an ONNX file")
-    if path.stat().st_size == 0:
-        raise EvitDeployError(f"ONNX file {path} is empty (0 bytes); export it again")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise EvitDeployError(f"cannot read ONNX file {path} (truncated or corrupted?)") from exc
-
-
-def read_onnx_metadata(path: str | Path) -> ArtifactMetadata:
-    """The evit-deploy metadata of an exported file."""
-    return onnx_metadata(load_onnx(path), path)
-
-
-def onnx_metadata(model: onnx.ModelProto, source: str | Path) -> ArtifactMetadata:
-    """The evit-deploy metadata stamped on a loaded ONNX model; refused when it has none."""
-    return ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(source))
 
 
 def check_opset(opset: int) -> None:

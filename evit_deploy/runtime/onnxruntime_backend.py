@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.onnx import read_onnx_metadata
+from evit_deploy.metadata import read_onnx_metadata
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.runtime.backends import Backend, cpu_name
 

@@ -82,7 +82,7 @@ def sweep_variants(
             raise UsageError("the pytorch backend sweeps a checkpoint: give the .pth/.safetensors")
         return [Variant(k, path, "pytorch", {**options, "keep_rate": k}) for k in keep_rates]
     if source_kind == "onnxruntime":
-        from evit_deploy.export.onnx import read_onnx_metadata
+        from evit_deploy.metadata import read_onnx_metadata
 
         metadata = read_onnx_metadata(path)
     else:

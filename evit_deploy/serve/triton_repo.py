@@ -111,7 +111,7 @@ class TritonRepoResult:
 def _onnx_spec(path: Path) -> tuple[ArtifactMetadata, list[TensorSpec], list[TensorSpec]]:
     import onnx
 
-    from evit_deploy.export.onnx import read_onnx_metadata
+    from evit_deploy.metadata import read_onnx_metadata
 
     meta = read_onnx_metadata(path)
     model = onnx.load(str(path), load_external_data=False)
