@@ -157,7 +157,9 @@ def _require_pytriton() -> None:
 
 
 class EvitServer:
-    """Start with `start()` (or `with EvitServer(...) as server:`), stop with `stop()`."""
+    """Start with `start()` (or `with EvitServer(...) as server:`), stop with `stop()`.
+
+    settings: a checkpoint's EViT settings (model, keep_rate, ...), as for Predictor."""
 
     def __init__(
         self,
@@ -165,11 +167,13 @@ class EvitServer:
         options: ServeOptions | None = None,
         backend: str = "auto",
         device: str | None = None,
+        **settings,
     ):
         self.artifact = Path(artifact)
         self.options = options or ServeOptions()
         self.backend = backend
         self.device = device
+        self.settings = settings
         self.predictors: list[Predictor] = []
         self.metrics: ServeMetrics | None = None
         self.triton = None
@@ -201,7 +205,8 @@ class EvitServer:
         if opts.workers > 1 and kind in ("onnxruntime", "pytorch") and self.device in (None, "cpu"):
             extra["threads"] = max(1, (os.cpu_count() or 1) // opts.workers)
         self.predictors = [
-            Predictor(self.artifact, self.backend, self.device, **extra) for _ in range(opts.workers)
+            Predictor(self.artifact, self.backend, self.device, **extra, **self.settings)
+            for _ in range(opts.workers)
         ]
         limit = self.predictors[0].max_batch
         if limit is not None and limit < self.max_batch:

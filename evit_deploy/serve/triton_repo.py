@@ -260,7 +260,7 @@ def write_triton_repo(
         (tmp / "config.pbtxt").write_text(spec.to_pbtxt(), encoding="utf-8")
         (tmp / LABELS_FILE).write_text("\n".join(class_names(meta.num_classes)) + "\n", encoding="utf-8")
         (tmp / METADATA_FILE).write_text(
-            json.dumps({**meta.to_props(), "source": artifact.name}, indent=2) + "\n", encoding="utf-8"
+            json.dumps({**meta.to_dict(), "source": artifact.name}, indent=2) + "\n", encoding="utf-8"
         )
         if platform == "tensorrt_plan":
             from evit_deploy.engines.header import read_engine
