@@ -99,7 +99,7 @@ else
             && step build-engine 240 60 "$PY" -m evit_deploy build-engine "$ONNX" -o "$WORK/evit.fp16.plan" \
                 --opt-batch 64 --max-batch 128; then
             step tensorrt-bench 300 120 "$PY" -m evit_deploy bench "$WORK/evit.fp16.plan" --batch 64 \
-                --min-seconds 2 --json "$RESULTS/tensorrt_bench.json"
+                --min-seconds 2 --json-out "$RESULTS/tensorrt_bench.json"
             step build-engine-fp16-scores 200 60 "$PY" -m evit_deploy build-engine "$ONNX" \
                 -o "$WORK/evit.fp16-scores.plan" --opt-batch 64 --max-batch 128 --fp16-topk-scores \
                 && step tensorrt-kept-tokens 90 20 "$PY" benchmarks/trt_kept_tokens.py "$ONNX" \

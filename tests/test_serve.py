@@ -371,7 +371,7 @@ def test_cli_loadtest_reports_zero_errors_and_mismatches(server, artifact, tmp_p
     out = tmp_path / "load.json"
     proc = run_cli(
         "loadtest", server.urls["http"], "--concurrency", "8", "--requests", "32",
-        "--artifact", artifact, "--json", out, "--max-seconds", "120", timeout=180,
+        "--artifact", artifact, "--json-out", out, "--max-seconds", "120", timeout=180,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())

@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.preprocess import preprocess
+from evit_deploy.preprocess import IMAGE_SUFFIXES, find_images, preprocess
 from evit_deploy.runtime.labels import imagenet_classes
 from evit_deploy.runtime.predictor import Predictor
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 WNID = re.compile(r"n\d{8}")
 TOPK = 5
 
@@ -117,13 +116,7 @@ def find_samples(
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise EvitDeployError(f"data folder not found: {data_dir}")
-    images = sorted(
-        p
-        for p in data_dir.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(data_dir).parts)
-    )
+    images = find_images(data_dir)
     if labels_file is not None:
         samples = _samples_from_labels(data_dir, images, read_labels_file(Path(labels_file)))
     else:

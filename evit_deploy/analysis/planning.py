@@ -8,7 +8,7 @@ counted per block with the token counts the model actually runs (model/flops.py)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from evit_deploy.errors import EvitDeployError, UsageError
@@ -89,16 +89,15 @@ def model_cost(config: EvitConfig) -> ModelCost:
 
 
 def fit_budget(
-    model: str,
+    base: EvitConfig,
     budget_gmacs: float,
     img_sizes: Sequence[int] = DEFAULT_PLAN_SIZES,
     keep_rates: Sequence[float] = DEFAULT_PLAN_KEEP_RATES,
-    drop_loc: tuple[int, ...] = DEFAULT_DROP_LOC,
-    fuse_token: bool = True,
 ) -> list[ModelCost]:
     """For each resolution, the highest keep rate whose cost fits the budget: the most tokens
-    that budget buys there. Resolutions where even the lowest keep rate is too dear are left out;
-    if none fits, the error names the cheapest option."""
+    that budget buys there. `base` gives the architecture, classes, drop blocks and fusion.
+    Resolutions where even the lowest keep rate is too dear are left out; if none fits, the
+    error names the cheapest option."""
     if budget_gmacs <= 0:
         raise UsageError(f"the budget must be positive, got {budget_gmacs} GMACs")
     if not img_sizes or not keep_rates:
@@ -108,7 +107,7 @@ def fit_budget(
     for size in sorted(set(img_sizes)):
         # Cost grows with the keep rate, so the first that fits from the top is the best one.
         for keep_rate in sorted(set(keep_rates), reverse=True):
-            cost = model_cost(EvitConfig(model, keep_rate, drop_loc, fuse_token, size))
+            cost = model_cost(replace(base, keep_rate=keep_rate, img_size=size))
             if cheapest is None or cost.macs < cheapest.macs:
                 cheapest = cost
             if cost.gmacs <= budget_gmacs:

@@ -3,12 +3,16 @@
 Shared machines are noisy, so variants are timed interleaved (A, B, A, B, ...) on the same input
 and compared by median latency. Each iteration times the model alone: inputs are placed on the
 device once (`Backend.prepare`) and the backend waits for its result (CUDA synchronised).
+With an image folder, the whole path from files to top-k is timed too (runtime/end_to_end.py).
+
+`BenchReport` is what a single bench and a keep-rate sweep (runtime/sweep.py) both produce, and
+its `to_dict` is the one JSON schema of both (README, "bench JSON").
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +20,9 @@ import numpy as np
 
 from evit_deploy.errors import UsageError
 from evit_deploy.model.flops import count_macs, count_params
+from evit_deploy.preprocess import find_images
 from evit_deploy.runtime.backends import Backend, backend_for, load_backend
+from evit_deploy.runtime.end_to_end import EndToEndResult, time_end_to_end
 
 DEFAULT_MIN_SECONDS = 3.0
 
@@ -41,18 +47,79 @@ class BenchResult:
         return asdict(self)
 
 
+PLAIN_KEEP_RATE = 1.0
+
+
+def rate_key(keep_rate: float) -> str:
+    """A keep rate as a JSON key, always with a decimal point: "0.7", "1.0"."""
+    return repr(float(keep_rate))
+
+
 @dataclass
 class BenchReport:
     runs: list[BenchResult]
-    speedup: dict[int, float] = field(default_factory=dict)  # batch -> plain p50 / EViT p50
-    flops_ratio: float | None = None  # plain GMACs / EViT GMACs: what the speed-up approaches
+    variants: list[dict] = field(default_factory=list)  # see describe_variant
+    accuracy: dict[float, dict] = field(default_factory=dict)  # keep rate -> EvalResult dict
+    end_to_end: list[EndToEndResult] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> dict[float, dict[int, float]]:
+        """keep rate -> batch -> throughput over the plain ViT's (keep 1.0), the model alone."""
+        return _over_plain(self.runs, lambda run: run.latency_ms["p50"])
+
+    @property
+    def end_to_end_speedup(self) -> dict[float, dict[int, float]]:
+        """The same from image files to top-k classes."""
+        return _over_plain(self.end_to_end, lambda run: run.total_ms)
+
+    @property
+    def flops_ratio(self) -> dict[float, float]:
+        """keep rate -> plain GMACs / its GMACs: the speed-up its FLOPs promise."""
+        gmacs = {v["keep_rate"]: v["gmacs"] for v in self.variants}
+        plain = gmacs.get(PLAIN_KEEP_RATE)
+        return {k: plain / g for k, g in gmacs.items() if plain and k != PLAIN_KEEP_RATE}
 
     def to_dict(self) -> dict:
-        out: dict = {"runs": [r.to_dict() for r in self.runs]}
-        if self.speedup:
-            out["speedup"] = {str(b): s for b, s in self.speedup.items()}
-            out["flops_ratio"] = self.flops_ratio
-        return out
+        return {
+            "runs": [r.to_dict() for r in self.runs],
+            "variants": self.variants,
+            "speedup": {
+                rate_key(k): {str(b): s for b, s in by_batch.items()}
+                for k, by_batch in self.speedup.items()
+            },
+            "flops_ratio": {rate_key(k): r for k, r in self.flops_ratio.items()},
+            "accuracy": {rate_key(k): a for k, a in self.accuracy.items()},
+            "end_to_end": [e.to_dict() for e in self.end_to_end],
+            "end_to_end_speedup": {
+                rate_key(k): {str(b): s for b, s in by_batch.items()}
+                for k, by_batch in self.end_to_end_speedup.items()
+            },
+        }
+
+
+def _over_plain(rows: Sequence, time_of: Callable) -> dict[float, dict[int, float]]:
+    """keep rate -> batch -> the plain ViT's time / this row's time, for rows (runs or
+    end-to-end runs) that have a plain row at the same batch size."""
+    plain = {row.batch: time_of(row) for row in rows if row.keep_rate == PLAIN_KEEP_RATE}
+    ratios: dict[float, dict[int, float]] = {}
+    for row in rows:
+        if row.keep_rate != PLAIN_KEEP_RATE and row.batch in plain:
+            ratios.setdefault(row.keep_rate, {})[row.batch] = plain[row.batch] / time_of(row)
+    return ratios
+
+
+def describe_variant(artifact: str | Path, backend: Backend) -> dict:
+    """One timed model: keep_rate, artifact, gmacs, published_gmacs, tokens_per_block."""
+    from evit_deploy.analysis.planning import model_cost
+
+    cost = model_cost(backend.metadata.to_config())
+    return {
+        "keep_rate": cost.config.keep_rate,
+        "artifact": str(artifact),
+        "gmacs": cost.gmacs,
+        "published_gmacs": cost.published_gmacs,
+        "tokens_per_block": cost.tokens_per_block,
+    }
 
 
 def parse_batches(text: str) -> list[int]:
@@ -135,18 +202,53 @@ def _percentiles(ms: np.ndarray) -> dict[str, float]:
     }
 
 
-def load_baseline(primary: Backend, path: Path, backend: str, device: str | None, options: dict) -> Backend:
-    """The plain ViT of the same weights on the same backend with the same settings."""
+def load_baseline(
+    primary: Backend, path: Path, backend: str, device: str | None, options: dict
+) -> tuple[Path, Backend]:
+    """The plain ViT of the same weights on the same backend with the same settings, and its
+    file."""
     kind = backend_for(path, backend)
     if kind == "pytorch":
-        return load_backend(path, "pytorch", device, **{**options, "keep_rate": 1.0})
+        options = {**options, "keep_rate": PLAIN_KEEP_RATE}
+        return path, load_backend(path, "pytorch", device, **options)
     if kind == "tensorrt":
         from evit_deploy.engines.tensorrt import build_baseline_engine
 
-        return load_backend(build_baseline_engine(path, device), "tensorrt", device)
+        engine = build_baseline_engine(path, device)
+        return engine, load_backend(engine, "tensorrt", device)
     from evit_deploy.runtime.baseline import baseline_onnx
 
-    return load_backend(baseline_onnx(primary.metadata), "onnxruntime", device, **options)
+    plain = baseline_onnx(primary.metadata)
+    return plain, load_backend(plain, "onnxruntime", device, **options)
+
+
+def time_variants(
+    report: BenchReport,
+    variants: Sequence[Backend],
+    batches: Sequence[int],
+    warmup: int,
+    iterations: int | None,
+    min_seconds: float,
+    end_to_end_dir: str | Path | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+    on_step: Callable[[str], None] = lambda step: None,
+) -> None:
+    """Model-only runs of every variant at each batch size (interleaved), and with an image
+    folder the end-to-end runs at the same batch sizes, added to `report`."""
+    images = find_images(end_to_end_dir) if end_to_end_dir is not None else []
+    rng = np.random.default_rng(seed)
+    size = variants[0].metadata.img_size
+    for batch in batches:
+        on_step(f"timing {len(variants)} model(s) at batch {batch}")
+        inputs = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+        seconds = interleaved_latencies(variants, inputs, warmup, iterations, min_seconds)
+        report.runs.extend(summarize(v, batch, s) for v, s in zip(variants, seconds))
+        if images:
+            on_step(f"timing {len(variants)} model(s) end to end at batch {batch}")
+            report.end_to_end.extend(
+                time_end_to_end(variants, images, batch, threads, iterations, min_seconds)
+            )
 
 
 def bench_artifact(
@@ -158,26 +260,24 @@ def bench_artifact(
     iterations: int | None = None,
     min_seconds: float = DEFAULT_MIN_SECONDS,
     baseline: bool = True,
+    end_to_end_dir: str | Path | None = None,
     seed: int = 0,
+    on_step: Callable[[str], None] = lambda step: None,
     **options,
 ) -> BenchReport:
-    """Time `path` at each batch size; for an EViT artifact also its plain ViT, interleaved."""
+    """Time `path` at each batch size; for an EViT artifact also its plain ViT, interleaved.
+    With `end_to_end_dir`, also the whole path from its image files to top-k classes."""
     path = Path(path)
     primary = load_backend(path, backend, device, **options)
-    variants = [primary]
-    with_baseline = baseline and primary.metadata.to_config().is_evit
-    if with_baseline:
-        variants.append(load_baseline(primary, path, backend, device, options))
-    rng = np.random.default_rng(seed)
-    report = BenchReport(runs=[])
-    for batch in batches:
-        size = primary.metadata.img_size
-        inputs = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
-        seconds = interleaved_latencies(variants, inputs, warmup, iterations, min_seconds)
-        results = [summarize(v, batch, s) for v, s in zip(variants, seconds)]
-        report.runs.extend(results)
-        if with_baseline:
-            evit, plain = results
-            report.speedup[batch] = plain.latency_ms["p50"] / evit.latency_ms["p50"]
-            report.flops_ratio = plain.gmacs / evit.gmacs
+    files, variants = [path], [primary]
+    if baseline and primary.metadata.to_config().is_evit:
+        on_step("loading the plain ViT")
+        plain_path, plain = load_baseline(primary, path, backend, device, options)
+        files.append(plain_path)
+        variants.append(plain)
+    report = BenchReport(runs=[], variants=[describe_variant(f, v) for f, v in zip(files, variants)])
+    time_variants(
+        report, variants, batches, warmup, iterations, min_seconds, end_to_end_dir,
+        options.get("threads"), seed, on_step,
+    )
     return report

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from evit_deploy.doctor import SERVE_INSTALL
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.runtime import Predictor
 from evit_deploy.runtime.backends import backend_for
 from evit_deploy.serve.metrics import ServeMetrics
 
-INSTALL_HINT = "pip install 'evit-deploy[serve]'"
 
 
 @dataclass
@@ -152,7 +152,7 @@ def _require_pytriton() -> None:
         import pytriton  # noqa: F401
     except ImportError:
         raise EvitDeployError(
-            f"serving needs PyTriton (NVIDIA's Triton Inference Server for Python): {INSTALL_HINT}"
+            f"serving needs PyTriton (NVIDIA's Triton Inference Server for Python): {SERVE_INSTALL}"
         ) from None
 
 
