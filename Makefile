@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/evit-deploy export --model deit_small_patch16_224 --keep-rate 0.7 \
 		--output $(DEMO_DIR)/deit_small_keep0.7.onnx --force $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 	$(BIN)/evit-deploy bench $(DEMO_DIR)/deit_small_keep0.7.onnx --batch 1,8,64 --min-seconds 5 \
-		--json $(DEMO_DIR)/bench.json --force
+		--json-out $(DEMO_DIR)/bench.json --force
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -96,7 +96,7 @@ tensorrt_steps() {
     step tensorrt-kept-tokens 90 20 "$PY" benchmarks/trt_kept_tokens.py "$onnx" "${engines[@]}" \
         --images 128 --batches 1,7,64,128 --json "$RESULTS/tensorrt_kept_tokens.json"
     step tensorrt-bench 200 90 "$PY" -m evit_deploy bench "$fp16" --batch 64 \
-        --min-seconds 2 --json "$RESULTS/tensorrt_bench.json"
+        --min-seconds 2 --json-out "$RESULTS/tensorrt_bench.json"
     step build-engine-fp16-scores 150 60 "$PY" -m evit_deploy build-engine "$onnx" \
         -o "$WORK/evit.fp16-scores.plan" "${engine_args[@]}" --fp16-topk-scores \
         && step tensorrt-kept-tokens-fp16-scores 60 20 "$PY" benchmarks/trt_kept_tokens.py "$onnx" \

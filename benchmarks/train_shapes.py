@@ -298,7 +298,7 @@ def write_card(folder: Path, weights: Path, recipe: Recipe, steps: int, wall_s: 
         f"{recipe.warmup_steps}-step warm-up, one cosine decay to {recipe.min_lr:g}; input size "
         + ", then ".join(f"{size} px for {steps} steps" for size, steps in recipe.schedule)
         + " (pos_embed resampled bicubically at each change).",
-        f"- Training curve: `benchmarks/shapes_train_log.jsonl`.",
+        "- Training curve: `benchmarks/shapes_train_log.jsonl`.",
         f"- sha256 of shapes_evit_tiny.safetensors: `{digest}`",
         "",
     ]

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
-from evit_deploy.export.onnx import read_onnx_metadata
+from evit_deploy.metadata import read_onnx_metadata
 from evit_deploy.model.vit import kept_patch_ids
 from evit_deploy.runtime.tensorrt_backend import TensorRTBackend
 

@@ -1,7 +1,10 @@
 """The `evit-deploy` command line: parses options, calls the library, renders results.
 
 User mistakes come back as EvitDeployError and are printed as one line (exit 2 for usage, 1 for
-runtime failures); tracebacks only with --debug.
+runtime failures); so are the argument parser's (main). Tracebacks only with --debug.
+
+Options that mean the same on several commands are defined once below and shared: the JSON
+outputs (--json on stdout, --json-out to a file) and a checkpoint's EViT settings.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -21,7 +25,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from evit_deploy import __version__
-from evit_deploy.errors import EvitDeployError
+from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.model.config import EvitConfig  # plain Python: the defaults the options name
 
 app = typer.Typer(
     add_completion=False,
@@ -63,6 +68,9 @@ def command(*args, group: typer.Typer = app, **kwargs):
                 return _memory_error_as_user_error(fn, *fn_args, **fn_kwargs)
             except typer.Exit:
                 raise
+            except BrokenPipeError:
+                # The client converts its socket errors, so a closed pipe here is stdout's.
+                raise typer.Exit(_closed_stdout()) from None
             except KeyboardInterrupt:
                 err_console.print("interrupted: no partial output was left behind")
                 raise typer.Exit(130) from None
@@ -91,38 +99,133 @@ def _memory_error_as_user_error(fn, *args, **kwargs):
     """Running out of memory means a batch or input too big for this machine: the user's to fix."""
     try:
         return fn(*args, **kwargs)
-    except _out_of_memory_errors() as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        text = str(exc).strip()
+        # PyTorch's CPU message starts with the C++ check that failed: keep what it says.
+        text = text[text.find(CPU_ALLOCATOR) :] if CPU_ALLOCATOR in text else text
+        reason = text.splitlines()[0] if text else "no details"
         raise EvitDeployError(
             f"out of memory ({reason}); use a smaller batch or input size"
         ) from exc
 
 
-def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
-    """MemoryError, and CUDA's out-of-memory error where torch is loaded (not imported for it)."""
+CPU_ALLOCATOR = "DefaultCPUAllocator"
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError (numpy), CUDA's out-of-memory error where torch is loaded (not imported for
+    it), and PyTorch's CPU allocator failing, which raises a plain RuntimeError."""
     torch = sys.modules.get("torch")
-    return (MemoryError, torch.OutOfMemoryError) if torch else (MemoryError,)
+    return (
+        isinstance(exc, MemoryError)
+        or (torch is not None and isinstance(exc, torch.OutOfMemoryError))
+        or CPU_ALLOCATOR in str(exc)
+    )
 
 
-def _model_config(model: str, keep_rate: float, drop_loc: str, fuse_token: bool, img_size: int):
-    from evit_deploy.model.config import EvitConfig, parse_drop_loc
+def _closed_stdout() -> int:
+    """A reader that stops early (`| head -1`) is normal in a shell: no message, and the status
+    standard tools get from SIGPIPE (141). Later writes and the final flush go to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
-    return EvitConfig(model, keep_rate, parse_drop_loc(drop_loc), fuse_token, img_size)
+
+# JSON, the same on every command: --json prints it on stdout instead of the tables, --json-out
+# also writes it to a file (atomically; an existing file only with --force).
+JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout instead of the tables.")
+JSON_OUT = typer.Option(None, "--json-out", metavar="PATH", help="Also write the result as JSON to PATH.")
+FORCE = typer.Option(False, "--force", help="Replace existing output files.")
+
+
+def check_json_out(json_out: Path | None, force: bool) -> None:
+    """Refuse an existing --json-out file before any work is done."""
+    if json_out is not None:
+        from evit_deploy.fileio import check_can_write
+
+        check_can_write(json_out, force)
+
+
+def emit_json(data, as_json: bool, json_out: Path | None, force: bool) -> None:
+    text = json.dumps(data, indent=2)
+    if json_out is not None:
+        from evit_deploy.fileio import write_bytes_atomic
+
+        write_bytes_atomic(json_out, (text + "\n").encode(), force)
+        if not as_json:
+            console.print(f"wrote {escape(str(json_out))}", highlight=False)
+    if as_json:
+        print(text)
+
+
+# A checkpoint's EViT settings, the same options on every command that loads one. An exported
+# model carries its own: giving one for it is refused (see checkpoint_settings).
+MODEL = typer.Option(
+    None, "--model",
+    help=f"Architecture or official EViT name (default: read off the checkpoint's weights; {EvitConfig.model} for random weights).",
+)
+KEEP_RATE = typer.Option(None, "--keep-rate", help=f"Fraction of image tokens each drop block keeps (default {EvitConfig.keep_rate}).")
+DROP_LOC = typer.Option(None, "--drop-loc", help=f"Blocks (from 0) that drop tokens (default {','.join(map(str, EvitConfig.drop_loc))}).")
+FUSE_TOKEN = typer.Option(None, "--fuse-token/--no-fuse-token", help="Fuse the dropped tokens into one extra token (default: fuse).")
+IMG_SIZE = typer.Option(None, "--img-size", help=f"Input resolution; pos_embed is resampled to it (default {EvitConfig.img_size}).")
+
+
+def evit_settings(
+    model: str | None = None,
+    keep_rate: float | None = None,
+    drop_loc: str | None = None,
+    fuse_token: bool | None = None,
+    img_size: int | None = None,
+) -> dict:
+    """The EViT options given, parsed; those not given are left out, so the artifact's own or
+    EvitConfig's defaults apply."""
+    from evit_deploy.model.config import parse_drop_loc
+
+    given = {
+        "model": model, "keep_rate": keep_rate, "drop_loc": drop_loc, "fuse_token": fuse_token,
+        "img_size": img_size,
+    }
+    settings = {k: v for k, v in given.items() if v is not None}
+    if "drop_loc" in settings:
+        settings["drop_loc"] = parse_drop_loc(settings["drop_loc"])
+    return settings
+
+
+def checkpoint_settings(artifact: Path, backend: str, *given) -> dict:
+    """evit_settings(*given) for a checkpoint; an exported artifact carries its own, so any
+    setting given for one is refused rather than silently ignored."""
+    from evit_deploy.runtime.backends import backend_for
+
+    settings = evit_settings(*given)
+    if settings and backend_for(artifact, backend) != "pytorch":
+        flags = ", ".join("--" + k.replace("_", "-") for k in settings)
+        raise UsageError(f"settings ({flags}) are for checkpoints; {artifact.name} carries its own")
+    return settings
+
+
+def settings_text(meta) -> str:
+    """An artifact's (or EvitConfig's) EViT settings in one line, the keep rate in use first."""
+    fusion = "fused token" if meta.fuse_token else "no fused token"
+    blocks = ",".join(map(str, meta.drop_loc)) or "none"
+    return f"{meta.model}, keep rate {meta.keep_rate:g}, drop blocks {blocks}, {fusion}, {meta.img_size} px"
 
 
 @command()
 def export(
-    model: str = typer.Option("deit_small_patch16_224", help="Architecture (or official EViT name)."),
     checkpoint: Optional[Path] = typer.Option(
         None, help=".pth/.pt (official EViT or timm) or .safetensors; none: random weights."
     ),
-    keep_rate: float = typer.Option(0.7, help="Fraction of image tokens kept in each drop block."),
-    drop_loc: str = typer.Option("3,6,9", help="Blocks (from 0) that drop tokens."),
-    fuse_token: bool = typer.Option(True, help="Fuse the dropped tokens into one extra token."),
-    img_size: int = typer.Option(224, help="Input resolution; pos_embed is resampled to it."),
+    model: Optional[str] = MODEL,
+    keep_rate: Optional[float] = KEEP_RATE,
+    drop_loc: Optional[str] = DROP_LOC,
+    fuse_token: Optional[bool] = FUSE_TOKEN,
+    img_size: Optional[int] = IMG_SIZE,
     opset: int = typer.Option(18, help="ONNX opset (18 to 23; LayerNorm is a single node)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .onnx path."),
-    force: bool = typer.Option(False, help="Replace an existing output file."),
+    force: bool = FORCE,
     with_token_indices: bool = typer.Option(
         False, help="Also output each drop block's kept-token indices."
     ),
@@ -136,24 +239,29 @@ def export(
     fp32_islands: str = typer.Option(
         "topk_scores", help="fp16 only: what stays FP32, comma-separated: topk_scores (the class attention TopK ranks), layernorm; or none."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = JSON,
+    json_out: Optional[Path] = JSON_OUT,
 ) -> None:
     """Export a checkpoint to ONNX (dynamic batch), validated against PyTorch before it is written."""
     from evit_deploy.export import export_onnx
     from evit_deploy.export.onnx import check_opset
     from evit_deploy.export.validate import ValidationFailed
     from evit_deploy.fileio import check_can_write
-    from evit_deploy.model import build_model
+    from evit_deploy.model.checkpoint import build_model, checkpoint_config
 
-    config = _model_config(model, keep_rate, drop_loc, fuse_token, img_size)
+    settings = evit_settings(None, keep_rate, drop_loc, fuse_token, img_size)
     check_opset(opset)
-    output = output or Path(default_onnx_name(config, precision))
-    check_can_write(output, force)
+    for path in (output, json_out):
+        if path is not None:
+            check_can_write(path, force)
     islands = () if fp32_islands.strip() == "none" else tuple(p.strip() for p in fp32_islands.split(",") if p.strip())
     title = "Validation: ONNX Runtime vs PyTorch" + (f" FP32 ({precision}, FP32 islands: {', '.join(islands) or 'none'})" if precision != "fp32" else "")
     try:
         with err_console.status("loading model") as status:
-            net = build_model(config, checkpoint, labels=labels)
+            config, state = checkpoint_config(checkpoint, model, **settings)
+            if output is None:
+                output = check_can_write(default_onnx_name(config, precision), force)
+            net = build_model(config, checkpoint, state=state, labels=labels)
             result = export_onnx(
                 net,
                 output,
@@ -169,33 +277,28 @@ def export(
         (err_console if as_json else console).print(validation_table(failed.report, title))
         raise
     meta = result.metadata
-    if as_json:
-        print(
-            json.dumps(
-                {
-                    "path": str(result.path),
-                    "size_bytes": result.size_bytes,
-                    "opset": result.opset,
-                    "metadata": meta.to_props() | {"tokens_per_block": meta.tokens_per_block},
-                    "validation": result.report.to_dict(),
-                },
-                indent=2,
-            )
-        )
-        return
-    console.print(validation_table(result.report, title))
-    summary = [
-        f"[bold green]exported[/] {escape(str(result.path))} ({result.size_bytes / 2**20:.1f} MiB, opset {result.opset}, {meta.precision}"
-        + (f", FP32 islands: {', '.join(meta.fp32_islands) or 'none'})" if meta.precision == "fp16" else ")"),
-        f"model           {meta.model}, keep_rate {meta.keep_rate}, drop_loc {meta.drop_loc}, fuse_token {meta.fuse_token}",
-        f"TopK K          {meta.topk_k or 'none (plain ViT)'}",
-        f"tokens/block    {meta.tokens_per_block}",
-        f"classes         {len(meta.classes)}: {', '.join(meta.classes)}" if meta.classes
-        else f"classes         {meta.num_classes} (unnamed{', ImageNet names' if meta.num_classes == 1000 else ''})",
-        f"next            evit-deploy bench {escape(str(result.path))} --batch 64",
-    ]
-    for line in summary:
-        console.print(line, soft_wrap=True, highlight=False)
+    if not as_json:
+        console.print(validation_table(result.report, title))
+        summary = [
+            f"[bold green]exported[/] {escape(str(result.path))} ({result.size_bytes / 2**20:.1f} MiB, opset {result.opset}, {meta.precision}"
+            + (f", FP32 islands: {', '.join(meta.fp32_islands) or 'none'})" if meta.precision == "fp16" else ")"),
+            f"model           {settings_text(meta)}",
+            f"TopK K          {meta.topk_k or 'none (plain ViT)'}",
+            f"tokens/block    {meta.tokens_per_block}",
+            f"classes         {len(meta.classes)}: {', '.join(meta.classes)}" if meta.classes
+            else f"classes         {meta.num_classes} (unnamed{', ImageNet names' if meta.num_classes == 1000 else ''})",
+            f"next            evit-deploy bench {escape(str(result.path))} --batch 64",
+        ]
+        for line in summary:
+            console.print(line, soft_wrap=True, highlight=False)
+    record = {
+        "path": str(result.path),
+        "size_bytes": result.size_bytes,
+        "opset": result.opset,
+        "metadata": meta.to_dict(),
+        "validation": result.report.to_dict(),
+    }
+    emit_json(record, as_json, json_out, force)
 
 
 def default_onnx_name(config, precision: str = "fp32") -> str:
@@ -280,29 +383,39 @@ def predict(
     topk: int = typer.Option(5, help="Classes to report per image."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: best available)."),
+    model: Optional[str] = MODEL,
+    keep_rate: Optional[float] = KEEP_RATE,
+    drop_loc: Optional[str] = DROP_LOC,
+    fuse_token: Optional[bool] = FUSE_TOKEN,
+    img_size: Optional[int] = IMG_SIZE,
     precision: Optional[str] = PRECISION,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON,
+    json_out: Optional[Path] = JSON_OUT,
+    force: bool = FORCE,
 ) -> None:
     """Classify images with any artifact (DeiT preprocessing, settings from the artifact)."""
     from evit_deploy.runtime import Predictor
 
-    predictor = Predictor(artifact, backend=backend, device=device, **_precision_options(precision))
+    settings = checkpoint_settings(artifact, backend, model, keep_rate, drop_loc, fuse_token, img_size)
+    check_json_out(json_out, force)
+    predictor = Predictor(artifact, backend=backend, device=device, **settings, **_precision_options(precision))
     predictions = predictor.predict([str(p) for p in images], topk=topk)
-    if as_json:
-        print(json.dumps([{"image": str(i), **p.to_dict()} for i, p in zip(images, predictions)], indent=2))
-        return
-    title = f"{artifact.name} ({predictor.backend.name}, {predictor.backend.provider})"
-    predictions = [p.to_dict() for p in predictions]
-    console.print(predictions_table(title, images, predictions, predictor.metadata.classes))
+    if not as_json:
+        title = f"{artifact.name}: {settings_text(predictor.metadata)}"
+        caption = f"{predictor.backend.name} ({predictor.backend.provider}, {predictor.backend.precision})"
+        table = predictions_table(title, images, [p.to_dict() for p in predictions], predictor.metadata.classes, caption)
+        console.print(table)
+    records = [{"image": str(i), **p.to_dict()} for i, p in zip(images, predictions)]
+    emit_json(records, as_json, json_out, force)
 
 
 def predictions_table(
-    title: str, images: list[Path], predictions: list[dict], classes: list[str] = ()
+    title: str, images: list[Path], predictions: list[dict], classes: list[str] = (), caption: str | None = None
 ) -> Table:
     """Top-k rows per image from {class_ids, labels, probs} dicts. Where an image sits in a folder
     named after one of the model's classes (an ImageFolder), that class is shown as the truth."""
     truths = [Path(image).parent.name if Path(image).parent.name in classes else None for image in images]
-    table = Table(title=title)
+    table = Table(title=title, caption=caption)
     columns = ["image", *(["true class"] if any(truths) else []), "rank", "class", "label", "prob"]
     for column in columns:
         table.add_column(column, justify="right" if column in ("rank", "class", "prob") else "left")
@@ -327,47 +440,109 @@ def bench(
     min_seconds: float = typer.Option(3.0, help="Time each variant at least this long (without --iters)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: best available)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (ONNX Runtime / OpenVINO / PyTorch)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (ONNX Runtime / OpenVINO / PyTorch; --end-to-end's preprocessing too)."),
     precision: Optional[str] = PRECISION,
     fp32_topk_scores: bool = TOPK_SCORES,
     baseline: bool = typer.Option(True, help="Also time the plain ViT (keep_rate 1.0) of the same weights."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
-    force: bool = typer.Option(False, help="Replace an existing --json file."),
+    end_to_end: Optional[Path] = typer.Option(
+        None, "--end-to-end", metavar="DIR",
+        help="Also time image files in DIR to top-5 classes at the same batch sizes, per stage: decode, resize/crop/normalise, inference, softmax/top-k.",
+    ),
     keep_rates: Optional[str] = typer.Option(None, help="Sweep: time these keep rates instead (re-exported, cached), e.g. 0.5,0.7,1.0."),
     plot: Optional[Path] = typer.Option(None, help="Sweep: plot throughput, GMACs (and accuracy) against keep rate to this PNG."),
     eval_dir: Optional[Path] = typer.Option(None, help="Sweep: also measure accuracy on this image folder (as for eval)."),
+    model: Optional[str] = MODEL,
+    keep_rate: Optional[float] = KEEP_RATE,
+    drop_loc: Optional[str] = DROP_LOC,
+    fuse_token: Optional[bool] = FUSE_TOKEN,
+    img_size: Optional[int] = IMG_SIZE,
+    as_json: bool = JSON,
+    json_out: Optional[Path] = JSON_OUT,
+    force: bool = FORCE,
 ) -> None:
-    """Latency percentiles and throughput, EViT beside plain ViT, timed interleaved."""
-    from evit_deploy.errors import UsageError
-    from evit_deploy.fileio import check_can_write, write_bytes_atomic
-    from evit_deploy.runtime.bench import bench_artifact, parse_batches
+    """Latency percentiles and throughput, EViT beside plain ViT, timed interleaved; with
+    --end-to-end also from image files to top-k, stage by stage."""
+    from evit_deploy.fileio import check_can_write
+    from evit_deploy.runtime.bench import REFERENCE, bench_artifact, parse_batches
+    from evit_deploy.runtime.sweep import check_plotting, parse_keep_rates, plot_sweep, sweep_keep_rates
 
     batches = parse_batches(batch)
-    if json_path:
-        check_can_write(json_path, force)
-    options = ({"threads": threads} if threads else {}) | _precision_options(precision, fp32_topk_scores)
-    if keep_rates is not None:
-        sweep_args = (warmup, iters, min_seconds, options, json_path, plot, eval_dir, force)
-        return _bench_sweep(artifact, keep_rates, batches, backend, device, *sweep_args)
-    if plot or eval_dir:
+    settings = checkpoint_settings(artifact, backend, model, keep_rate, drop_loc, fuse_token, img_size)
+    check_json_out(json_out, force)
+    if keep_rates is None and (plot or eval_dir):
         raise UsageError("--plot and --eval-dir go with --keep-rates")
-    with err_console.status(f"benchmarking {artifact.name} at batch {batch}"):
-        report = bench_artifact(
-            artifact, batches, backend, device, warmup, iters, min_seconds, baseline, **options
+    if keep_rates is not None and keep_rate is not None:
+        raise UsageError("give --keep-rate (one model) or --keep-rates (a sweep), not both")
+    if plot:
+        check_can_write(plot, force)
+        check_plotting()
+    timing = dict(warmup=warmup, iterations=iters, min_seconds=min_seconds, end_to_end_dir=end_to_end)
+    options = ({"threads": threads} if threads else {}) | _precision_options(precision, fp32_topk_scores)
+    with err_console.status(f"benchmarking {artifact.name} at batch {batch}") as status:
+        if keep_rates is None:
+            report = bench_artifact(
+                artifact, batches, backend, device, baseline=baseline, on_step=status.update,
+                **timing, **options, **settings,
+            )
+        else:
+            report = sweep_keep_rates(
+                artifact, parse_keep_rates(keep_rates), batches, backend, device,
+                eval_dir=eval_dir, on_step=status.update, **timing, **options, **settings,
+            )
+    if not as_json:
+        console.print(bench_table(report) if keep_rates is None else sweep_table(report))
+        flops = report.flops_ratio
+        first = report.runs[0]
+        reference = report.reference_speedup
+        for keep, by_batch in report.speedup.items() if keep_rates is None else ():
+            for size, speedup in by_batch.items():
+                console.print(
+                    f"batch {size}: EViT (keep {keep:g}) is [bold]{speedup:.2f}x[/] the plain ViT's throughput "
+                    f"on {first.backend} {first.precision} (FLOPs ratio {flops[keep]:.2f}x: {speedup / flops[keep]:.0%} of it)"
+                    + (f"; [bold]{reference[keep][size]:.2f}x[/] {REFERENCE} (the reference)" if size in reference.get(keep, {}) else ""),
+                    highlight=False,
+                )
+        if report.end_to_end:
+            print_end_to_end(report, end_to_end)
+    emit_json(report.to_dict(), as_json, json_out, force)
+    if plot:
+        path = plot_sweep(report, plot, force)
+        if not as_json:
+            console.print(f"wrote {escape(str(path))}", highlight=False)
+
+
+def print_end_to_end(report, folder: Path) -> None:
+    """The per-stage table beside the model-only throughput, and what survives of the speed-up."""
+    from evit_deploy.runtime.end_to_end import STAGE_NAMES, STAGES, TOPK
+
+    first = report.end_to_end[0]
+    model_only = {(r.keep_rate, r.batch, r.backend, r.precision): r.throughput_ips for r in report.runs}
+    several = len({(r.backend, r.precision) for r in report.end_to_end}) > 1
+    table = Table(
+        title=f"End to end: image files to top-{TOPK}, ms per image (share of the total)",
+        caption=(
+            f"{first.images} image file(s) from {folder}; decoding and preprocessing on "
+            f"{first.preprocess_threads} thread(s), idle while the model runs"
+        ),
+    )
+    for column in ("model", "keep", "batch", *(STAGE_NAMES[s] for s in STAGES), "total", "img/s", "model only img/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in report.end_to_end:
+        share = row.share
+        table.add_row(
+            row.model.replace("_patch16_224", "") + (f" ({row.backend} {row.precision})" if several else ""),
+            f"{row.keep_rate:g}", str(row.batch),
+            *(f"{row.stage_ms[s]:.1f} ({share[s]:.0%})" for s in STAGES),
+            f"{row.total_ms:.1f}", f"{row.throughput_ips:.1f}",
+            f"{model_only[(row.keep_rate, row.batch, row.backend, row.precision)]:.1f}",
         )
-    console.print(bench_table(report))
-    first = report.runs[0]
-    for size, speedup in report.speedup.items():
-        console.print(
-            f"batch {size}: EViT is [bold]{speedup:.2f}x[/] the plain ViT's throughput on {first.backend} "
-            f"{first.precision} (FLOPs ratio {report.flops_ratio:.2f}x: {speedup / report.flops_ratio:.0%} of it)"
-            + (f"; [bold]{report.reference_speedup[size]:.2f}x[/] plain FP32 on ONNX Runtime (the reference)"
-               if size in report.reference_speedup else ""),
-            highlight=False,
-        )
-    if json_path:
-        write_bytes_atomic(json_path, json.dumps(report.to_dict(), indent=2).encode(), force)
-        console.print(f"wrote {json_path}")
+    console.print(table)
+    for keep, by_batch in report.end_to_end_speedup.items():
+        for size, speedup in by_batch.items():
+            console.print(
+                f"batch {size}: end to end, EViT (keep {keep:g}) is [bold]{speedup:.2f}x[/] the plain "
+                f"ViT's throughput (model only: {report.speedup[keep][size]:.2f}x)"
+            )
 
 
 def bench_table(report) -> Table:
@@ -398,53 +573,28 @@ def bench_table(report) -> Table:
     return table
 
 
-CHECKPOINT_MODEL = typer.Option(None, "--model", help="Checkpoints only: architecture (default: read off the weights).")
-CHECKPOINT_KEEP_RATE = typer.Option(None, "--keep-rate", help="Checkpoints only: keep rate (default 0.7).")
-CHECKPOINT_DROP_LOC = typer.Option(None, "--drop-loc", help="Checkpoints only: drop blocks (default 3,6,9).")
-CHECKPOINT_FUSE_TOKEN = typer.Option(None, "--fuse-token/--no-fuse-token", help="Checkpoints only (default: fuse).")
-CHECKPOINT_IMG_SIZE = typer.Option(None, "--img-size", help="Checkpoints only: input size (default 224).")
-
-
-def _checkpoint_options(artifact: Path, backend: str, **given) -> dict:
-    """The EViT settings given for a checkpoint; an exported artifact carries its own, so any
-    setting given for one is refused rather than silently ignored."""
-    from evit_deploy.errors import UsageError
-    from evit_deploy.model.config import parse_drop_loc
-    from evit_deploy.runtime.backends import backend_for
-
-    options = {k: v for k, v in given.items() if v is not None}
-    if "drop_loc" in options:
-        options["drop_loc"] = parse_drop_loc(options["drop_loc"])
-    if options and backend_for(artifact, backend) != "pytorch":
-        flags = ", ".join("--" + k.replace("_", "-") for k in options)
-        raise UsageError(f"settings ({flags}) are for checkpoints; {artifact.name} carries its own")
-    return options
-
-
 @command()
 def visualize(
     artifact: Path = typer.Argument(..., help="A checkpoint, or an ONNX exported with --with-token-indices."),
     images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...)."),
     output: Path = typer.Option(Path("."), "--output", "-o", help="Folder for <image>_tokens.png, or a .png path for one image."),
     force: bool = typer.Option(False, help="Replace existing pictures."),
-    model: Optional[str] = CHECKPOINT_MODEL,
-    keep_rate: Optional[float] = CHECKPOINT_KEEP_RATE,
-    drop_loc: Optional[str] = CHECKPOINT_DROP_LOC,
-    fuse_token: Optional[bool] = CHECKPOINT_FUSE_TOKEN,
-    img_size: Optional[int] = CHECKPOINT_IMG_SIZE,
+    model: Optional[str] = MODEL,
+    keep_rate: Optional[float] = KEEP_RATE,
+    drop_loc: Optional[str] = DROP_LOC,
+    fuse_token: Optional[bool] = FUSE_TOKEN,
+    img_size: Optional[int] = IMG_SIZE,
 ) -> None:
     """Draw the patches every drop block keeps, one PNG per image (the paper's figure).
 
     Dropped patches are masked out; patches fused in that block are shaded."""
     from evit_deploy.analysis.visualize import figure_paths, load_token_source, write_figures
 
-    options = _checkpoint_options(
-        artifact, "auto", model=model, keep_rate=keep_rate, drop_loc=drop_loc,
-        fuse_token=fuse_token, img_size=img_size,
-    )
+    settings = checkpoint_settings(artifact, "auto", model, keep_rate, drop_loc, fuse_token, img_size)
     paths = figure_paths(images, output, force)
     with err_console.status(f"loading {artifact.name}"):
-        source = load_token_source(artifact, **options)
+        source = load_token_source(artifact, **settings)
+    console.print(settings_text(source.metadata), highlight=False)
     with err_console.status("drawing"):
         for path in write_figures(source, images, paths, force):
             console.print(f"wrote {path}")
@@ -459,14 +609,15 @@ def evaluate_accuracy(
     labels: Optional[Path] = typer.Option(None, help="File of 'image-or-folder class' lines (index or wnid)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: best available)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
-    force: bool = typer.Option(False, help="Replace an existing --json file."),
-    model: Optional[str] = CHECKPOINT_MODEL,
-    keep_rate: Optional[float] = CHECKPOINT_KEEP_RATE,
-    drop_loc: Optional[str] = CHECKPOINT_DROP_LOC,
-    fuse_token: Optional[bool] = CHECKPOINT_FUSE_TOKEN,
-    img_size: Optional[int] = CHECKPOINT_IMG_SIZE,
+    model: Optional[str] = MODEL,
+    keep_rate: Optional[float] = KEEP_RATE,
+    drop_loc: Optional[str] = DROP_LOC,
+    fuse_token: Optional[bool] = FUSE_TOKEN,
+    img_size: Optional[int] = IMG_SIZE,
     precision: Optional[str] = PRECISION,
+    as_json: bool = JSON,
+    json_out: Optional[Path] = JSON_OUT,
+    force: bool = FORCE,
 ) -> None:
     """Top-1 / top-5 accuracy on an image folder, with any backend; with an objects.json (from
     `evit-deploy dataset shapes`) also how much of each object the drop blocks keep."""
@@ -477,17 +628,12 @@ def evaluate_accuracy(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from evit_deploy.analysis.evaluate import evaluate, find_samples, spread_subset
-    from evit_deploy.fileio import check_can_write, write_bytes_atomic
     from evit_deploy.runtime import Predictor
 
-    options = _checkpoint_options(
-        artifact, backend, model=model, keep_rate=keep_rate, drop_loc=drop_loc,
-        fuse_token=fuse_token, img_size=img_size,
-    )
-    if json_path:
-        check_can_write(json_path, force)
+    settings = checkpoint_settings(artifact, backend, model, keep_rate, drop_loc, fuse_token, img_size)
+    check_json_out(json_out, force)
     with err_console.status(f"loading {artifact.name}"):
-        predictor = Predictor(artifact, backend=backend, device=device, **options, **_precision_options(precision))
+        predictor = Predictor(artifact, backend=backend, device=device, **settings, **_precision_options(precision))
     meta = predictor.metadata
     samples = spread_subset(find_samples(data_dir, meta.num_classes, labels, meta.classes), limit)
     if predictor.metadata.weights.startswith("random:"):
@@ -505,27 +651,30 @@ def evaluate_accuracy(
             progress.update(task, completed=done, rate=f"{rate:.1f}")
 
         result = evaluate(predictor, samples, batch, on_batch=advance)
-    info = predictor.backend.describe()
-    table = Table(
-        title=f"{artifact.name} on {data_dir}",
-        caption=f"{info['backend']} ({info['provider']}, {info['precision']}) on {info['device']}",
-    )
-    for column in ("images", "top-1", "top-5", "img/s", "model img/s"):
-        table.add_column(column, justify="right")
-    table.add_row(
-        str(result.images), f"{result.top1:.2%}", f"{result.top5:.2%}",
-        f"{result.images_per_s:.1f}", f"{result.model_images_per_s:.1f}",
-    )
-    console.print(table)
-    record = {"artifact": str(artifact), "data_dir": str(data_dir), **result.to_dict()}
+    if not as_json:
+        info = predictor.backend.describe()
+        table = Table(
+            title=f"{artifact.name} on {data_dir}: {settings_text(predictor.metadata)}",
+            caption=f"{info['backend']} ({info['provider']}, {info['precision']}) on {info['device']}",
+        )
+        for column in ("images", "top-1", "top-5", "img/s", "model img/s"):
+            table.add_column(column, justify="right")
+        table.add_row(
+            str(result.images), f"{result.top1:.2%}", f"{result.top5:.2%}",
+            f"{result.images_per_s:.1f}", f"{result.model_images_per_s:.1f}",
+        )
+        console.print(table)
+    record = {
+        "artifact": str(artifact), "data_dir": str(data_dir),
+        "keep_rate": predictor.metadata.keep_rate, **result.to_dict(),
+    }
     if (data_dir / OBJECTS_FILE).is_file():
-        recall = _object_recall(artifact, data_dir, limit, options)
+        recall = _object_recall(artifact, data_dir, limit, settings)
         if recall is not None:
-            console.print(recall_table(recall))
+            if not as_json:
+                console.print(recall_table(recall))
             record["object_recall"] = recall.to_dict()
-    if json_path:
-        write_bytes_atomic(json_path, json.dumps(record, indent=2).encode(), force)
-        console.print(f"wrote {json_path}")
+    emit_json(record, as_json, json_out, force)
 
 
 def _object_recall(artifact: Path, data_dir: Path, limit: Optional[int], options: dict):
@@ -560,81 +709,78 @@ def recall_table(report) -> Table:
 
 @command()
 def info(
-    target: str = typer.Argument(..., metavar="ARTIFACT_OR_MODEL", help="A model name, a checkpoint or an exported .onnx."),
-    keep_rate: Optional[float] = typer.Option(None, help="Keep rate (default: the artifact's, else 0.7)."),
-    drop_loc: Optional[str] = typer.Option(None, help="Drop blocks (default: the artifact's, else 3,6,9)."),
-    fuse_token: Optional[bool] = typer.Option(None, "--fuse-token/--no-fuse-token", help="Fuse dropped tokens (default: the artifact's, else yes)."),
-    img_size: Optional[int] = typer.Option(None, help="Input size (default: the artifact's, else 224)."),
-    as_json: bool = typer.Option(False, "--json", help="Print {params, gmacs, tokens_per_block, ...} as JSON."),
+    target: str = typer.Argument(..., metavar="ARTIFACT_OR_MODEL", help="A model name, a checkpoint, an exported .onnx or an engine."),
+    keep_rate: Optional[float] = KEEP_RATE,
+    drop_loc: Optional[str] = DROP_LOC,
+    fuse_token: Optional[bool] = FUSE_TOKEN,
+    img_size: Optional[int] = IMG_SIZE,
+    as_json: bool = JSON,
+    json_out: Optional[Path] = JSON_OUT,
+    force: bool = FORCE,
 ) -> None:
-    """Parameters, tokens entering each block and GMACs counted with those token counts."""
+    """Parameters, tokens entering each block and GMACs counted with those token counts.
+    Reads an exported model's metadata only: no torch, no runtime."""
     from evit_deploy.analysis.planning import model_cost, resolve_config
-    from evit_deploy.model.config import parse_drop_loc
 
-    config = resolve_config(
-        target, keep_rate, parse_drop_loc(drop_loc) if drop_loc is not None else None,
-        fuse_token, img_size,
-    )
+    check_json_out(json_out, force)
+    config = resolve_config(target, **evit_settings(None, keep_rate, drop_loc, fuse_token, img_size))
     cost = model_cost(config)
-    if as_json:
-        print(json.dumps(cost.to_dict(), indent=2))
-        return
-    paper = f"; paper {cost.published_gmacs:.1f}" if cost.published_gmacs is not None else ""
-    fusion = "fused token" if config.fuse_token else "no fused token"
-    console.print(
-        f"[bold]{config.model}[/], keep rate {config.keep_rate:g}, drop blocks "
-        f"{','.join(map(str, config.drop_loc)) or 'none'}, {fusion}, {config.img_size} px"
-    )
-    console.print(f"params          {cost.params / 1e6:.2f} M")
-    console.print(f"GMACs           [bold]{cost.gmacs:.1f}[/] ({cost.gmacs:.3f}{paper})")
-    console.print(f"image tokens    {' -> '.join(map(str, cost.tokens_after_drops))}")
-    table = Table(caption="tokens: image tokens (fused included, class excluded); MMACs per image")
-    for column in ("block", "tokens in", "kept (K)", "tokens out", "attention MMACs", "MLP MMACs"):
-        table.add_column(column, justify="right")
-    for plan, macs in zip(config.token_plan, cost.blocks):
-        table.add_row(
-            str(plan.block), str(plan.tokens_in), "-" if plan.keep is None else str(plan.keep),
-            str(plan.tokens_out), f"{macs.attention / 1e6:.1f}", f"{macs.mlp / 1e6:.1f}",
-        )
-    console.print(table)
+    if not as_json:
+        paper = f"; paper {cost.published_gmacs:.1f}" if cost.published_gmacs is not None else ""
+        console.print(f"[bold]{config.model}[/]{settings_text(config).removeprefix(config.model)}")
+        console.print(f"params          {cost.params / 1e6:.2f} M")
+        console.print(f"GMACs           [bold]{cost.gmacs:.1f}[/] ({cost.gmacs:.3f}{paper})")
+        console.print(f"image tokens    {' -> '.join(map(str, cost.tokens_after_drops))}")
+        table = Table(caption="tokens: image tokens (fused included, class excluded); MMACs per image")
+        for column in ("block", "tokens in", "kept (K)", "tokens out", "attention MMACs", "MLP MMACs"):
+            table.add_column(column, justify="right")
+        for plan, macs in zip(config.token_plan, cost.blocks):
+            table.add_row(
+                str(plan.block), str(plan.tokens_in), "-" if plan.keep is None else str(plan.keep),
+                str(plan.tokens_out), f"{macs.attention / 1e6:.1f}", f"{macs.mlp / 1e6:.1f}",
+            )
+        console.print(table)
+    emit_json(cost.to_dict(), as_json, json_out, force)
 
 
 @command()
 def plan(
+    target: str = typer.Argument(..., metavar="ARTIFACT_OR_MODEL", help="A model name, a checkpoint, an exported .onnx or an engine: its architecture and classes."),
     budget_gmacs: float = typer.Option(..., help="GMACs per image to stay within (DeiT-S at 224: 4.6)."),
-    model: str = typer.Option("deit_small_patch16_224", help="Architecture (or official EViT name)."),
     img_sizes: Optional[str] = typer.Option(None, help="Sizes to try (default 224,240,...,384)."),
     keep_rates: Optional[str] = typer.Option(None, help="Keep rates to try (default 0.40,0.45,...,1.00)."),
-    drop_loc: str = typer.Option("3,6,9", help="Blocks (from 0) that drop tokens."),
-    fuse_token: bool = typer.Option(True, help="Fuse the dropped tokens into one extra token."),
-    as_json: bool = typer.Option(False, "--json", help="Print the options as JSON."),
+    drop_loc: Optional[str] = DROP_LOC,
+    fuse_token: Optional[bool] = FUSE_TOKEN,
+    as_json: bool = JSON,
+    json_out: Optional[Path] = JSON_OUT,
+    force: bool = FORCE,
 ) -> None:
     """More tokens at the same cost: per input size, the highest keep rate that fits a budget."""
     from evit_deploy.analysis.planning import (
-        DEFAULT_PLAN_KEEP_RATES, DEFAULT_PLAN_SIZES, fit_budget, parse_numbers,
+        DEFAULT_PLAN_KEEP_RATES, DEFAULT_PLAN_SIZES, fit_budget, parse_numbers, resolve_config,
     )
-    from evit_deploy.model.config import parse_drop_loc
 
+    check_json_out(json_out, force)
     sizes = parse_numbers(img_sizes, int, "--img-sizes") if img_sizes else DEFAULT_PLAN_SIZES
     rates = parse_numbers(keep_rates, float, "--keep-rates") if keep_rates else DEFAULT_PLAN_KEEP_RATES
-    fits = fit_budget(model, budget_gmacs, sizes, rates, parse_drop_loc(drop_loc), fuse_token)
-    if as_json:
-        print(json.dumps([cost.to_dict() for cost in fits], indent=2))
-        return
-    table = Table(title=f"{fits[0].config.model} within {budget_gmacs:g} GMACs per image")
-    for column in ("img size", "keep rate", "image tokens after each drop", "GMACs", "of budget"):
-        table.add_column(column, justify="left" if column.startswith("image") else "right")
-    for cost in fits:
-        table.add_row(
-            str(cost.config.img_size), f"{cost.config.keep_rate:.2f}",
-            " -> ".join(map(str, cost.tokens_after_drops)), f"{cost.gmacs:.2f}",
-            f"{cost.gmacs / budget_gmacs:.0%}",
+    base = resolve_config(target, **evit_settings(drop_loc=drop_loc, fuse_token=fuse_token))
+    fits = fit_budget(base, budget_gmacs, sizes, rates)
+    if not as_json:
+        table = Table(title=f"{base.model} within {budget_gmacs:g} GMACs per image")
+        for column in ("img size", "keep rate", "image tokens after each drop", "GMACs", "of budget"):
+            table.add_column(column, justify="left" if column.startswith("image") else "right")
+        for cost in fits:
+            table.add_row(
+                str(cost.config.img_size), f"{cost.config.keep_rate:.2f}",
+                " -> ".join(map(str, cost.tokens_after_drops)), f"{cost.gmacs:.2f}",
+                f"{cost.gmacs / budget_gmacs:.0%}",
+            )
+        console.print(table)
+        console.print(
+            "Sizes other than the checkpoint's resample its pos_embed; the paper fine-tunes at the "
+            "new size."
         )
-    console.print(table)
-    console.print(
-        "Sizes other than the checkpoint's resample its pos_embed; the paper fine-tunes at the "
-        "new size."
-    )
+    emit_json([cost.to_dict() for cost in fits], as_json, json_out, force)
 
 
 @command()
@@ -646,19 +792,17 @@ def quantize(
     validate_dir: Optional[Path] = typer.Option(None, help="Held-out images (class folders) the INT8 model is judged on."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output path (default: MODEL.int8.onnx)."),
     accept_failed_gates: bool = typer.Option(False, help="Write the file even if it misses a precision gate (recorded in its metadata)."),
-    force: bool = typer.Option(False, help="Replace an existing output file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
-    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the result as JSON to this file."),
+    force: bool = FORCE,
+    as_json: bool = JSON,
+    json_out: Optional[Path] = JSON_OUT,
 ) -> None:
     """INT8 quantization of an exported ONNX (TopK score path kept in float), validated against the
     FP32 file on held-out images; nothing is written when a precision gate is missed."""
     from evit_deploy.export.quantize import default_int8_name, quantize_onnx
     from evit_deploy.export.validate import ValidationFailed
-    from evit_deploy.fileio import check_can_write, write_bytes_atomic
 
     output = output or default_int8_name(model)
-    if json_out:
-        check_can_write(json_out, force)
+    check_json_out(json_out, force)
     title = f"Validation: INT8 ({method}) vs FP32, ONNX Runtime"
     try:
         with err_console.status(f"quantizing {model.name}") as status:
@@ -674,13 +818,11 @@ def quantize(
     record = {
         "path": str(result.path),
         "size_bytes": result.size_bytes,
-        "metadata": meta.to_props() | {"quantization": meta.quantization},
+        "metadata": meta.to_dict(),
         "validation": result.report.to_dict(),
     }
-    if json_out:
-        write_bytes_atomic(json_out, json.dumps(record, indent=2).encode(), force)
     if as_json:
-        print(json.dumps(record, indent=2))
+        emit_json(record, as_json, json_out, force)
         return
     console.print(validation_table(result.report, title))
     if not result.report.passed:
@@ -694,9 +836,8 @@ def quantize(
     console.print(f"kept in float   TopK score path: {len(result.excluded)} nodes", highlight=False)
     if calibration_info:
         console.print(f"calibration     {escape(calibration_info['folder'])} ({calibration_info['images']} images)", highlight=False)
-    if json_out:
-        console.print(f"wrote {json_out}")
     console.print(f"next            evit-deploy bench {escape(str(result.path))} --batch 1,8", soft_wrap=True, highlight=False)
+    emit_json(record, as_json, json_out, force)
 
 
 @command(name="build-engine")
@@ -713,14 +854,16 @@ def build_engine_command(
     fp32_layernorm: bool = typer.Option(False, "--fp32-layernorm/--fp16-layernorm", help="Converting an FP32 ONNX: keep every LayerNorm in FP32."),
     detailed_profile: bool = typer.Option(False, "--detailed-profile", help="Keep per-layer details (types, precisions) in the engine for TensorRT's engine inspector."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Engine path (default: MODEL.fp16.plan or MODEL.fp32.plan)."),
-    force: bool = typer.Option(False, help="Replace an existing engine."),
+    force: bool = FORCE,
     device: Optional[str] = typer.Option(None, help="cuda or cuda:N (default: the current GPU)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = JSON,
+    json_out: Optional[Path] = JSON_OUT,
 ) -> None:
     """Build a TensorRT engine (strongly typed, dynamic batch, FP16 by default) carrying the model's metadata."""
     from evit_deploy.engines.settings import BatchProfile, BuildSettings
     from evit_deploy.engines.tensorrt import build_engine
 
+    check_json_out(json_out, force)
     islands = [name for name, wanted in (("topk_scores", fp32_topk_scores), ("layernorm", fp32_layernorm)) if wanted]
     settings = BuildSettings(
         precision="fp16" if fp16 else "fp32",
@@ -734,22 +877,18 @@ def build_engine_command(
     with err_console.status(f"building an engine from {model.name}") as status:
         result = build_engine(model, output, settings, force, device, on_step=status.update)
     header = result.header
+    record = {
+        "path": str(result.path),
+        "size_bytes": result.size_bytes,
+        "seconds": result.seconds,
+        "timing_cache": str(result.timing_cache),
+        "timing_cache_saved": result.timing_cache_saved,
+        "converted_to_fp16": result.converted,
+        "tensorrt_warnings": result.tensorrt_warnings,
+        "header": header.to_dict(),
+    }
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "path": str(result.path),
-                    "size_bytes": result.size_bytes,
-                    "seconds": result.seconds,
-                    "timing_cache": str(result.timing_cache),
-                    "timing_cache_saved": result.timing_cache_saved,
-                    "converted_to_fp16": result.converted,
-                    "tensorrt_warnings": result.tensorrt_warnings,
-                    "header": header.to_dict(),
-                },
-                indent=2,
-            )
-        )
+        emit_json(record, as_json, json_out, force)
         return
     profile = header.settings.profile
     console.print(
@@ -769,21 +908,28 @@ def build_engine_command(
     if len(result.tensorrt_warnings) > 5:
         err_console.print(f"[yellow]TensorRT:[/] {len(result.tensorrt_warnings) - 5} more warning(s) (--json lists all)")
     console.print(f"next            evit-deploy bench {escape(str(result.path))} --batch {profile.opt}", soft_wrap=True)
+    emit_json(record, as_json, json_out, force)
 
 
 @command()
 def doctor(
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: bool = JSON,
+    json_out: Optional[Path] = JSON_OUT,
+    force: bool = FORCE,
 ) -> None:
-    """Versions, GPU, and which backends, exports and engine builds work here (and what to install)."""
-
+    """Versions, GPU, and which backends, exports, builds, serving and plots work here (and what
+    to install)."""
     from evit_deploy.doctor import diagnose
 
+    check_json_out(json_out, force)
     report = diagnose()
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
+        emit_json(report.to_dict(), as_json, json_out, force)
         return
-    console.print(f"evit-deploy {report.evit_deploy}, Python {report.python}, {report.platform}")
+    console.print(
+        f"evit-deploy {report.evit_deploy}, Python {report.python}, {report.platform}, "
+        f"glibc {report.glibc or 'none'}"
+    )
     packages = Table(title="Packages")
     for column in ("package", "version", "status"):
         packages.add_column(column)
@@ -808,13 +954,14 @@ def doctor(
             f"GPU {gpu.index}           {gpu.name}, compute capability {gpu.compute_capability}, "
             f"{gpu.memory_gib:.1f} GiB, fast FP16 {'yes' if gpu.fast_fp16 else 'no'}"
         )
-    for title, rows in (("Backends", report.backends), ("Exports and builds", report.actions)):
+    for title, rows in (("Backends", report.backends), ("Exports, builds, serving, plots", report.actions)):
         table = Table(title=title)
         for column in ("", "available", "uses / to enable"):
             table.add_column(column)
         for row in rows:
             table.add_row(row.name, "[green]yes[/]" if row.available else "[red]no[/]", escape(row.detail))
         console.print(table)
+    emit_json(report.to_dict(), as_json, json_out, force)
 
 
 @command()
@@ -836,23 +983,29 @@ def serve(
     max_body_mb: float = typer.Option(10.0, help="Largest image upload on the REST front (413 beyond)."),
     shutdown_timeout: int = typer.Option(30, help="Seconds to finish in-flight requests on Ctrl-C / SIGTERM."),
     verbose: bool = typer.Option(False, help="Print Triton's own log."),
+    model: Optional[str] = MODEL,
+    keep_rate: Optional[float] = KEEP_RATE,
+    drop_loc: Optional[str] = DROP_LOC,
+    fuse_token: Optional[bool] = FUSE_TOKEN,
+    img_size: Optional[int] = IMG_SIZE,
 ) -> None:
     """Serve an artifact with Triton Inference Server (via PyTriton): dynamic batching, HTTP/gRPC,
     health, Prometheus metrics, plus a REST endpoint for JPEG/PNG uploads."""
     from evit_deploy.serve import EvitServer, ServeOptions
 
+    settings = checkpoint_settings(artifact, backend, model, keep_rate, drop_loc, fuse_token, img_size)
     options = ServeOptions(
         host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port, rest_port=rest_port,
         model_name=model_name, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
         workers=workers, max_body_mb=max_body_mb, shutdown_timeout_s=shutdown_timeout, verbose=verbose,
     )
-    server = EvitServer(artifact, options, backend=backend, device=device, backend_options=_precision_options(precision))
+    server = EvitServer(artifact, options, backend=backend, device=device, **settings, **_precision_options(precision))
     try:
         with err_console.status(f"loading {artifact.name} and starting Triton Inference Server"):
             server.start()
         meta, urls, backend_info = server.metadata, server.urls, server.predictors[0].backend
         console.print(
-            f"[bold green]serving[/] {artifact.name} ({meta.model}, keep_rate {meta.keep_rate}) on "
+            f"[bold green]serving[/] {artifact.name} ({settings_text(meta)}) on "
             f"{backend_info.name} ({backend_info.provider}) as Triton model '{model_name}': batches up to "
             f"{server.max_batch}, wait up to {max_delay_ms:g} ms, queue {max_queue}, {workers} instance(s)"
         )
@@ -878,7 +1031,9 @@ def client(
     rest_url: Optional[str] = typer.Option(None, help="The server's REST front (default: --url's port + 3)."),
     model_name: str = typer.Option("evit", help="Model name on the server."),
     topk: int = typer.Option(5, help="Classes to report per image."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON,
+    json_out: Optional[Path] = JSON_OUT,
+    force: bool = FORCE,
 ) -> None:
     """Classify images on a running `evit-deploy serve` (uploads them to its REST front)."""
     from evit_deploy.client import Client
@@ -886,12 +1041,12 @@ def client(
     missing = [str(image) for image in images if not image.is_file()]
     if missing:
         raise EvitDeployError(f"image not found: {', '.join(missing)}")
+    check_json_out(json_out, force)
     with Client(url, model_name, rest_url=rest_url) as remote:
         results = [remote.predict_image(image, topk=topk) for image in images]
-    if as_json:
-        print(json.dumps([{"image": str(i), **r} for i, r in zip(images, results)], indent=2))
-        return
-    console.print(predictions_table(f"model '{model_name}' at {url}", images, results))
+    if not as_json:
+        console.print(predictions_table(f"model '{model_name}' at {url}", images, results))
+    emit_json([{"image": str(i), **r} for i, r in zip(images, results)], as_json, json_out, force)
 
 
 @command()
@@ -906,21 +1061,37 @@ def loadtest(
         "(default: against the first answer for the same input)."
     ),
     max_seconds: float = typer.Option(600.0, help="Stop sending after this long."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
-    force: bool = typer.Option(False, help="Replace an existing --json file."),
+    model: Optional[str] = MODEL,
+    keep_rate: Optional[float] = KEEP_RATE,
+    drop_loc: Optional[str] = DROP_LOC,
+    fuse_token: Optional[bool] = FUSE_TOKEN,
+    img_size: Optional[int] = IMG_SIZE,
+    as_json: bool = JSON,
+    json_out: Optional[Path] = JSON_OUT,
+    force: bool = FORCE,
 ) -> None:
     """Load a server with N concurrent clients: latency percentiles, throughput, errors, wrong answers.
     Exits 1 if any request failed or was answered with a wrong result."""
     from evit_deploy.client import load_test
-    from evit_deploy.fileio import check_can_write, write_bytes_atomic
 
-    if json_path:
-        check_can_write(json_path, force)
+    given = (model, keep_rate, drop_loc, fuse_token, img_size)
+    if artifact is None and any(value is not None for value in given):
+        raise UsageError("the EViT settings (--model, --keep-rate, ...) go with --artifact")
+    settings = checkpoint_settings(artifact, "auto", *given) if artifact is not None else {}
+    check_json_out(json_out, force)
     with err_console.status(f"{requests} requests from {concurrency} clients to {url}"):
         result = load_test(
             url, model=model_name, concurrency=concurrency, requests=requests, batch=batch,
-            artifact=artifact, max_seconds=max_seconds,
+            artifact=artifact, artifact_settings=settings, max_seconds=max_seconds,
         )
+    if not as_json:
+        print_load_test(result, url, model_name, concurrency, batch)
+    emit_json(result.to_dict(), as_json, json_out, force)
+    if result.errors or result.mismatches:
+        raise typer.Exit(1)
+
+
+def print_load_test(result, url: str, model_name: str, concurrency: int, batch: int) -> None:
     table = Table(title=f"load test: {url} model '{model_name}', {concurrency} clients, batch {batch}")
     for column in ("requests", "errors", "mismatches", "p50 ms", "p90 ms", "p99 ms", "req/s", "img/s"):
         table.add_column(column, justify="right")
@@ -932,11 +1103,6 @@ def loadtest(
     console.print(table)
     if result.error_kinds:
         console.print(f"errors by kind: {result.error_kinds}")
-    if json_path:
-        write_bytes_atomic(json_path, json.dumps(result.to_dict(), indent=2).encode(), force)
-        console.print(f"wrote {json_path}")
-    if result.errors or result.mismatches:
-        raise typer.Exit(1)
 
 
 @command(name="triton-repo")
@@ -967,31 +1133,6 @@ def triton_repo(
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     console.print(f"[bold green]wrote[/] {result.model_dir} ({result.spec.platform}, max_batch_size {result.spec.max_batch_size}, {instances} instance(s))")
     console.print(f"next            tritonserver --model-repository {escape(str(output.resolve()))}", soft_wrap=True)
-
-
-def _bench_sweep(
-    artifact, keep_rates, batches, backend, device, warmup, iters, min_seconds, options, json_path,
-    plot, eval_dir, force,
-) -> None:
-    """bench --keep-rates: every keep rate timed interleaved on one backend, then JSON and plot."""
-    from evit_deploy.fileio import check_can_write, write_bytes_atomic
-    from evit_deploy.runtime.sweep import check_plotting, parse_keep_rates, plot_sweep, sweep_keep_rates
-
-    rates = parse_keep_rates(keep_rates)
-    if plot:
-        check_can_write(plot, force)
-        check_plotting()
-    with err_console.status(f"sweeping {artifact.name}") as status:
-        report = sweep_keep_rates(
-            artifact, rates, batches, backend, device, warmup, iters, min_seconds, eval_dir,
-            on_step=status.update, **options,
-        )
-    console.print(sweep_table(report))
-    if json_path:
-        write_bytes_atomic(json_path, json.dumps(report.to_dict(), indent=2).encode(), force)
-        console.print(f"wrote {json_path}")
-    if plot:
-        console.print(f"wrote {plot_sweep(report, plot, force)}")
 
 
 def sweep_table(report) -> Table:
@@ -1072,7 +1213,29 @@ def main() -> None:
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module=r"PIL\.")
     warnings.filterwarnings("ignore", message="Detected pickle protocol", module=r"torch\.")
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except _PARSER_ERROR as exc:
+        code = exc.exit_code
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            err_console.print(f"[red]error:[/] {escape(_parser_error_line(exc))}", highlight=False, soft_wrap=True)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _closed_stdout()
+    sys.exit(code)
+
+
+# click's UsageError (unknown option, missing or extra argument, bad value), found through the
+# public typer.BadParameter, as typer bundles its own click.
+_PARSER_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def _parser_error_line(exc) -> str:
+    """The parser's message in one line, and where the options are listed."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    return f"{message} (see {ctx.command_path} --help)" if ctx is not None else message
 
 
 if __name__ == "__main__":

@@ -292,6 +292,7 @@ def load_test(
     img_size: int | None = None,
     pool: int = 64,
     artifact: str | Path | None = None,
+    artifact_settings: dict | None = None,
     timeout: float = 30.0,
     max_seconds: float = 600.0,
     seed: int = 0,
@@ -299,7 +300,7 @@ def load_test(
     """`requests` inference calls from `concurrency` threads, each with its own connection.
 
     Inputs are drawn from a pool of `pool` random tensors. Expected results: Predictor.logits at
-    batch 1 on `artifact` if given; otherwise the first answer for each pool entry, so a
+    batch 1 on `artifact` if given (a checkpoint's EViT settings in `artifact_settings`); otherwise the first answer for each pool entry, so a
     request answered with another request's result still counts as a mismatch. Stops after
     `max_seconds` even if not all requests were sent."""
     if concurrency <= 0 or requests <= 0 or batch <= 0 or pool <= 0:
@@ -325,7 +326,7 @@ def load_test(
     if artifact is not None:
         from evit_deploy.runtime import Predictor
 
-        predictor = Predictor(artifact)
+        predictor = Predictor(artifact, **(artifact_settings or {}))
         expected = [np.concatenate([predictor.logits(t[i : i + 1]) for i in range(batch)]) for t in tensors]
         expected_from = "artifact"
 

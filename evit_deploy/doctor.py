@@ -2,18 +2,23 @@
 here and which exports and builds are possible, with what to install for the rest.
 
 Every probe is guarded and this module imports only the standard library at import time, so the
-doctor reports a broken install instead of crashing on it.
+doctor reports a broken install instead of crashing on it. Packages are imported to prove they
+load, except torch (seconds to import): it is imported only for the CUDA part, where an NVIDIA
+driver and a CUDA build of torch make a GPU possible; its CUDA version is read from its files.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata
+import importlib.util
 import platform
 import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from evit_deploy import __version__
 from evit_deploy.engines.support import (
@@ -25,10 +30,19 @@ from evit_deploy.engines.support import (
 )
 from evit_deploy.runtime.cpu_features import CpuFeatures, missing_bf16, probe_cpu
 
-PACKAGES = ("torch", "onnx", "onnxruntime", "onnxslim", "safetensors", "tensorrt", "openvino", "numpy", "pillow", "typer", "rich")
-IMPORT_NAMES = {"pillow": "PIL"}  # where the import name differs from the distribution's
+PACKAGES = (
+    "torch", "onnx", "onnxruntime", "onnxslim", "safetensors", "tensorrt", "openvino", "numpy", "pillow", "typer", "rich",
+    "nvidia-pytriton", "tritonclient", "aiohttp",  # the serve extra
+    "matplotlib",  # the plot extra
+)
+SERVE_PACKAGES = ("nvidia-pytriton", "tritonclient", "aiohttp")
+IMPORT_NAMES = {"pillow": "PIL", "nvidia-pytriton": "pytriton"}  # where they differ from the distribution's
+IMPORTED_FOR_CUDA_ONLY = {"torch"}
 DISTRIBUTION_ALTERNATIVES = {"onnxruntime": ("onnxruntime-gpu",)}
 ORT_GPU_INSTALL = "pip uninstall onnxruntime && pip install onnxruntime-gpu"
+SERVE_INSTALL = "pip install 'evit-deploy[serve]', or in a clone pip install -e '.[serve]'"
+PLOT_INSTALL = "pip install 'evit-deploy[plot]', or in a clone pip install -e '.[plot]'"
+MIN_GLIBC = (2, 35)  # what the Triton Inference Server bundled in PyTriton 0.7 needs
 NO_GPU = "no CUDA GPU visible to PyTorch"
 GPU_INSTALL = f"needs an NVIDIA GPU and {TORCH_CUDA_INSTALL}"
 OPENVINO_INSTALL = "pip install 'evit-deploy[openvino]'"
@@ -66,6 +80,7 @@ class DoctorReport:
     evit_deploy: str
     python: str
     platform: str
+    glibc: str | None  # None: another C library, or not Linux
     packages: list[Package]
     torch_cuda: str | None  # the CUDA version torch was built with; None: a CPU-only build
     nvidia_driver: str | None
@@ -86,14 +101,22 @@ class DoctorReport:
 def diagnose() -> DoctorReport:
     packages = [probe_package(name) for name in PACKAGES]
     works = {p.name: p.works for p in packages}
-    torch_cuda, gpus = probe_torch_gpus() if works["torch"] else (None, [])
+    driver = probe_nvidia_driver()
+    torch_cuda, gpus = torch_build_cuda(), []
+    if works["torch"] and torch_cuda and driver:  # the CUDA part: only here is torch imported
+        try:
+            torch_cuda, gpus = probe_torch_gpus()
+        except Exception as exc:  # installed, but importing it fails
+            packages[PACKAGES.index("torch")].error = f"{type(exc).__name__}: {_first_line(exc)}"
+    libc, libc_version = platform.libc_ver()
     report = DoctorReport(
         evit_deploy=__version__,
         python=f"{platform.python_version()} ({sys.executable})",
         platform=f"{platform.system()} {platform.release()} {platform.machine()}",
+        glibc=libc_version if libc == "glibc" and libc_version else None,
         packages=packages,
         torch_cuda=torch_cuda,
-        nvidia_driver=probe_nvidia_driver(),
+        nvidia_driver=driver,
         onnxruntime_providers=probe_ort_providers() if works["onnxruntime"] else [],
         gpus=gpus,
         gpu_hint="" if gpus else GPU_INSTALL,
@@ -161,8 +184,34 @@ def capabilities(report: DoctorReport) -> tuple[list[Capability], list[Capabilit
             f"ONNX Runtime static/dynamic, NNCF where installed; {int8_speed}",
             None if works["onnxruntime"] and works["onnx"] else "pip install onnx onnxruntime",
         ),
+        capability(
+            "serve",
+            f"Triton Inference Server through PyTriton {report.package('nvidia-pytriton').version}, REST front (aiohttp)",
+            glibc_problem(report.glibc),
+            missing_extra(works, SERVE_PACKAGES, SERVE_INSTALL),
+        ),
+        capability(
+            "bench --plot",
+            f"matplotlib {report.package('matplotlib').version}",
+            missing_extra(works, ("matplotlib",), PLOT_INSTALL),
+        ),
     ]
     return backends, actions
+
+
+def missing_extra(works: dict[str, bool], names: tuple[str, ...], install: str) -> str | None:
+    missing = [name for name in names if not works[name]]
+    return f"{', '.join(missing)} missing or broken: {install}" if missing else None
+
+
+def glibc_problem(glibc: str | None) -> str | None:
+    """PyTriton's Triton binary is built for Linux with glibc 2.35 or newer."""
+    if glibc is None:
+        return "needs Linux with glibc 2.35 or newer (Ubuntu 22.04, Debian 12)"
+    version = tuple(int(part) for part in glibc.split(".")[:2] if part.isdigit())
+    if version < MIN_GLIBC:
+        return f"needs glibc 2.35 or newer (Ubuntu 22.04, Debian 12); this system has {glibc}"
+    return None
 
 
 def tensorrt_problem(trt: Package) -> str | None:
@@ -186,11 +235,35 @@ def probe_package(name: str) -> Package:
             continue
     if version is None:
         return Package(name, None)
+    if name in IMPORTED_FOR_CUDA_ONLY:
+        return Package(name, version)
     try:
         module = importlib.import_module(IMPORT_NAMES.get(name, name))
     except Exception as exc:  # e.g. TensorRT without its CUDA libraries
         return Package(name, version, f"{type(exc).__name__}: {_first_line(exc)}")
     return Package(name, str(getattr(module, "__version__", version)))
+
+
+def torch_build_cuda() -> str | None:
+    """The CUDA version torch was built with (None: a CPU-only build, or no torch), read from
+    torch/version.py without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == "cuda" and node.value is not None:
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return None
+            return value if isinstance(value, str) else None
+    return None
 
 
 def probe_torch_gpus() -> tuple[str | None, list[Gpu]]:

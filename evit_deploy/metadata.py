@@ -1,10 +1,14 @@
 """What a runtime needs to know about an artifact, carried inside it (ONNX metadata_props, and the
-TensorRT engine header). Runtimes read settings from here instead of asking the user again."""
+TensorRT engine header). Runtimes read settings from here instead of asking the user again.
+
+Reading it needs the onnx package only, never torch or onnxruntime, so `evit-deploy info` on an
+exported model answers at once."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 
 from evit_deploy import __version__
 from evit_deploy.errors import EvitDeployError
@@ -91,6 +95,10 @@ class ArtifactMetadata:
             self.num_classes,
         )
 
+    def to_dict(self) -> dict:
+        """Typed JSON values (lists, numbers, booleans), for files and --json output."""
+        return asdict(self)
+
     def to_props(self) -> dict[str, str]:
         """Flat string key/values (ONNX metadata_props); non-strings JSON-encoded."""
         return {
@@ -129,3 +137,32 @@ class ArtifactMetadata:
 
 def _required(f) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
+
+
+def load_onnx(path: str | Path):
+    """An ONNX file's graph and metadata (external weights not loaded); a missing, empty or
+    unparsable file is one EvitDeployError."""
+    import onnx
+
+    path = Path(path)
+    if not path.exists():
+        raise EvitDeployError(f"ONNX file not found: {path}")
+    if path.is_dir():
+        raise EvitDeployError(f"{path} is a directory; give an ONNX file")
+    if path.stat().st_size == 0:
+        raise EvitDeployError(f"ONNX file {path} is empty (0 bytes); export it again")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise EvitDeployError(f"cannot read ONNX file {path} (truncated or corrupted?)") from exc
+
+
+def read_onnx_metadata(path: str | Path) -> ArtifactMetadata:
+    """The evit-deploy metadata of an exported file."""
+    return onnx_metadata(load_onnx(path), path)
+
+
+def onnx_metadata(model, source: str | Path) -> ArtifactMetadata:
+    """The evit-deploy metadata stamped on a loaded ONNX model (onnx.ModelProto); refused when it
+    has none."""
+    return ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(source))

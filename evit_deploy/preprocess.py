@@ -16,13 +16,14 @@ from evit_deploy.model.config import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 
 ASSETS = Path(__file__).parent / "assets"
 SAMPLE_IMAGE = ASSETS / "grace_hopper.jpg"  # public-domain photograph (US Navy), as in matplotlib
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard (load_image checks it): about 8000 x 8000
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
-def image_files(folder: str | Path) -> list[Path]:
+def find_images(folder: str | Path) -> list[Path]:
     """Every image file under `folder` (recursively, hidden entries skipped), sorted by path."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -129,6 +130,22 @@ def resize_and_crop(
     return image.crop((left, top, left + img_size, top + img_size))
 
 
+def normalised(
+    picture: Image.Image,
+    img_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    crop_pct: float = CROP_PCT,
+    interpolation: str = "bicubic",
+) -> np.ndarray:
+    """A decoded RGB image, resized, center-cropped and normalised: [3, img_size, img_size]."""
+    cropped = resize_and_crop(picture, img_size, crop_pct, interpolation)
+    chw = np.asarray(cropped, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    mean_arr = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    std_arr = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return (chw - mean_arr) / std_arr
+
+
 def preprocess(
     images: Sequence,
     img_size: int = 224,
@@ -138,11 +155,7 @@ def preprocess(
     interpolation: str = "bicubic",
 ) -> np.ndarray:
     """Images (paths, PIL images or HWC uint8 arrays) -> normalised NCHW float32 batch."""
-    mean_arr = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-    std_arr = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
     batch = np.empty((len(images), 3, img_size, img_size), dtype=np.float32)
     for i, image in enumerate(images):
-        cropped = resize_and_crop(load_image(image), img_size, crop_pct, interpolation)
-        chw = np.asarray(cropped, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        batch[i] = (chw - mean_arr) / std_arr
+        batch[i] = normalised(load_image(image), img_size, mean, std, crop_pct, interpolation)
     return batch

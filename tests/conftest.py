@@ -36,9 +36,12 @@ TINY = "deit_tiny_patch16_224"
 SMALL = "deit_small_patch16_224"
 BASE = "deit_base_patch16_224"
 PUBLISHED_DROP_LOC = (3, 6, 9)
+# The top-level keys of bench's JSON, with or without --keep-rates (README, "bench JSON").
+BENCH_JSON_KEYS = {"runs", "variants", "speedup", "flops_ratio", "accuracy", "end_to_end", "end_to_end_speedup"}
 
 __all__ = [
     "BASE",
+    "BENCH_JSON_KEYS",
     "PUBLISHED_DROP_LOC",
     "SAMPLE_IMAGE",
     "SMALL",

@@ -14,7 +14,7 @@ from conftest import TINY, assert_one_line_error, config_for, fresh_model, run_c
 from evit_deploy.analysis.evaluate import find_samples
 from evit_deploy.errors import EvitDeployError
 from evit_deploy.export import export_onnx
-from evit_deploy.export.onnx import read_onnx_metadata
+from evit_deploy.metadata import read_onnx_metadata
 from evit_deploy.model import build_model
 from evit_deploy.runtime import Predictor
 from evit_deploy.runtime.labels import class_names

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ def here() -> DoctorReport:
     return diagnose()
 
 
-def report_with(packages: dict[str, tuple[str | None, str]], gpus=(H100,), providers=("CUDAExecutionProvider", "CPUExecutionProvider"), cpu=SAPPHIRE_RAPIDS) -> DoctorReport:
+def report_with(packages: dict[str, tuple[str | None, str]], gpus=(H100,), providers=("CUDAExecutionProvider", "CPUExecutionProvider"), glibc="2.36", cpu=SAPPHIRE_RAPIDS) -> DoctorReport:
     """A report as diagnose() would make it on another machine: every package installed and
     working unless `packages` says otherwise (name -> (version, import error))."""
     listed = {name: ("1.0", "") for name in doctor.PACKAGES} | {"tensorrt": ("10.3.0", "")} | packages
@@ -34,6 +36,7 @@ def report_with(packages: dict[str, tuple[str | None, str]], gpus=(H100,), provi
         evit_deploy="0",
         python="3.11",
         platform="Linux",
+        glibc=glibc,
         packages=[Package(name, *listed[name]) for name in doctor.PACKAGES],
         torch_cuda="12.6",
         nvidia_driver="560.35",
@@ -70,7 +73,8 @@ def test_a_complete_gpu_machine_can_do_everything():
 def test_missing_pieces_say_what_to_install():
     report = report_with({"tensorrt": (None, ""), "onnxslim": (None, ""), "safetensors": (None, "")}, providers=["CPUExecutionProvider"])
     backends, actions = by_name(report.backends), by_name(report.actions)
-    assert not backends["tensorrt"].available and "pip install 'tensorrt>=10,<12'" in backends["tensorrt"].detail
+    assert not backends["tensorrt"].available and "pip install 'evit-deploy[tensorrt]'" in backends["tensorrt"].detail
+    assert "pip install -e '.[tensorrt]'" in backends["tensorrt"].detail
     assert not backends["onnxruntime (cuda)"].available and "onnxruntime-gpu" in backends["onnxruntime (cuda)"].detail
     assert backends["pytorch (cuda)"].available
     assert actions["export (ONNX)"].detail == "pip install onnxslim"
@@ -86,6 +90,33 @@ def test_no_gpu_and_old_or_broken_tensorrt():
     assert not old.available and "older than 10" in old.detail
     broken = by_name(report_with({"tensorrt": ("10.3.0", "OSError: libcudart.so.12")}).backends)["tensorrt"]
     assert not broken.available and "does not load (OSError: libcudart.so.12)" in broken.detail
+
+
+def test_serving_and_plotting_extras_say_what_to_install():
+    actions = by_name(report_with({}).actions)
+    assert actions["serve"].available and "PyTriton 1.0" in actions["serve"].detail
+    assert actions["bench --plot"].available
+    missing = by_name(report_with({"tritonclient": (None, ""), "matplotlib": (None, "")}).actions)
+    assert not missing["serve"].available and "tritonclient missing" in missing["serve"].detail
+    assert "pip install 'evit-deploy[serve]'" in missing["serve"].detail and "-e '.[serve]'" in missing["serve"].detail
+    assert not missing["bench --plot"].available and "evit-deploy[plot]" in missing["bench --plot"].detail
+    old_glibc = by_name(report_with({}, glibc="2.31").actions)["serve"]
+    assert not old_glibc.available and "glibc 2.35 or newer" in old_glibc.detail and "2.31" in old_glibc.detail
+    assert not by_name(report_with({}, glibc=None).actions)["serve"].available
+
+
+def test_torch_is_imported_only_for_the_cuda_part():
+    """Without an NVIDIA driver (or with a CPU-only torch) no GPU can show up, so the doctor
+    answers without the seconds a torch import takes; the CUDA version is read from its files."""
+    assert doctor.torch_build_cuda() == torch.version.cuda
+    code = (
+        "import sys; from evit_deploy.doctor import diagnose; report = diagnose(); "
+        "print(report.torch_cuda, report.nvidia_driver, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    torch_cuda, driver, imported = proc.stdout.split()
+    assert imported == str(torch_cuda != "None" and driver != "None")
 
 
 def test_slow_fp16_gpu_builds_fp32_only():
@@ -117,7 +148,7 @@ def test_gpu_probe_failure_means_no_gpu(monkeypatch):
 def test_cli_doctor_table_and_json():
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
-    for fragment in ("Packages", "Backends", "Exports and builds", "tensorrt", "onnxruntime (cpu)"):
+    for fragment in ("Packages", "Backends", "Exports, builds, serving, plots", "tensorrt", "onnxruntime (cpu)", "glibc", "serve", "bench --plot"):
         assert fragment in result.output
     result = runner.invoke(app, ["doctor", "--json"])
     assert result.exit_code == 0

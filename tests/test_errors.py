@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import struct
+import subprocess
 import sys
 import zlib
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from PIL import Image
 from evit_deploy.engines.header import EngineHeader, encode_header
 from evit_deploy.engines.settings import BuildSettings
 from evit_deploy.errors import EvitDeployError
-from evit_deploy.export.onnx import read_onnx_metadata
+from evit_deploy.metadata import read_onnx_metadata
 from evit_deploy.runtime import Predictor
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -80,6 +81,14 @@ CASES = [
          "error: unknown backend 'onnxrt'; choose one of auto, onnxruntime, tensorrt, pytorch"),
     Case("device-unknown", "unknown device", ("predict", "tiny.onnx", "photo.jpg", "--device", "gpu0"), 2,
          "error: unknown device 'gpu0'; use cpu, cuda or cuda:N"),
+    Case("settings-for-export", "a checkpoint's EViT setting for an exported model", ("predict", "tiny.onnx", "photo.jpg", "--keep-rate", "0.5"), 2,
+         "error: settings (--keep-rate) are for checkpoints; tiny.onnx carries its own"),
+    Case("option-unknown", "an option the command does not have", ("export", "--bogus"), 2,
+         "error: No such option: --bogus (see … export --help)"),
+    Case("argument-extra", "an argument too many", ("info", "tiny.onnx", "small.pth"), 2,
+         "error: Got unexpected extra argument(s) (small.pth) (see … info --help)"),
+    Case("option-bad-value", "an option value of the wrong type", ("bench", "tiny.onnx", "--iters", "many"), 2,
+         "error: Invalid value for '--iters': …integer… (see … bench --help)"),
     Case("batch-beyond-memory", "batch far beyond this machine's memory", ("bench", "tiny.onnx", "--batch", "1000000000000", "--no-baseline"), 1,
          "error: out of memory (Unable to allocate … for an array with shape (1000000000000, 3, 224, 224) and data type float32); use a smaller batch or input size"),
     # Bad files
@@ -95,6 +104,8 @@ CASES = [
          "error: small.pth does not fit deit_tiny_patch16_224: shape mismatch: cls_token (1, 1, 384) (model: (1, 1, 192)), … Is --model the architecture this checkpoint was trained with?"),
     Case("checkpoint-other-keys", "checkpoint of another architecture (keys)", ("export", "--model", TINY, "--checkpoint", "resnet.pth", "-o", "out.onnx"), 1,
          "error: resnet.pth does not fit deit_tiny_patch16_224: missing keys: blocks.0.attn.proj.bias, …; unexpected keys: conv1.weight, fc.bias, fc.weight. Is --model the architecture this checkpoint was trained with?"),
+    Case("not-a-model", "a file that is no model (random bytes)", ("info", "weights.bin"), 1,
+         "error: weights.bin is not an ONNX model (.onnx), an evit-deploy engine (.plan/.engine) or a checkpoint (.pth/.pt/.safetensors)"),
     Case("onnx-empty", "empty ONNX", ("bench", "empty.onnx"), 1,
          "error: ONNX file empty.onnx is empty (0 bytes); export it again"),
     Case("onnx-truncated", "truncated ONNX", ("predict", "truncated.onnx", "photo.jpg"), 1,
@@ -139,7 +150,7 @@ CASES = [
     # Files
     Case("output-exists", "export over an existing file without --force", ("export", "-o", "existing.onnx"), 2,
          "error: existing.onnx already exists; pass --force to replace it", ("existing.onnx",)),
-    Case("json-exists", "bench --json over an existing file without --force", ("bench", "tiny.onnx", "--json", "existing.json"), 2,
+    Case("json-exists", "bench --json-out over an existing file without --force", ("bench", "tiny.onnx", "--json-out", "existing.json"), 2,
          "error: existing.json already exists; pass --force to replace it", ("existing.json",)),
     Case("output-under-file", "output path inside a file, not a folder", ("export", "-o", "photo.jpg/out.onnx", "--force"), 2,
          "error: cannot write photo.jpg/out.onnx: …photo.jpg is not a writable folder", ("photo.jpg",)),
@@ -270,6 +281,7 @@ def fixture_files(tmp_path_factory, onnx_export) -> Path:
     (folder / "raw.plan").write_bytes(b"ftrt" + bytes(range(256)))
     for name in ("empty.pth", "empty.onnx"):
         (folder / name).write_bytes(b"")
+    (folder / "weights.bin").write_bytes(np.random.default_rng(1).bytes(4096))
 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(folder / "photo.jpg")
@@ -387,6 +399,40 @@ def test_checkpoint_code_never_ran(outcomes, fixture_files):
     refused = [case for case in CASES if "evil.pth" in case.argv]
     assert refused and all(outcomes[case.id].returncode == 1 for case in refused)
     assert not (fixture_files / CODE_RAN_MARKER).exists(), "a checkpoint's pickled code ran"
+
+
+def test_closed_pipe_exits_quietly(fixture_files):
+    """`evit-deploy predict ... --json | head -1`: a reader that stops early is normal in a shell.
+    Here the pipe is closed before anything is written, so the write certainly fails."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evit_deploy", "predict", "tiny.onnx", "photo.jpg", "--json"],
+        cwd=fixture_files, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and stderr == ""
+    shell = subprocess.run(  # and as typed in a shell: whoever wins the race, nothing is said
+        f"{shlex.quote(sys.executable)} -m evit_deploy predict tiny.onnx photo.jpg --json | head -1",
+        shell=True, cwd=fixture_files, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert shell.stdout == "[\n" and shell.stderr == ""
+
+
+def test_pytorch_cpu_out_of_memory_is_the_one_line_error(fixture_files, monkeypatch):
+    """PyTorch's CPU allocator fails with a plain RuntimeError (CUDA's has its own type): a
+    request for 40 TB fails at once, without touching memory."""
+    from typer.testing import CliRunner
+
+    from evit_deploy.cli import app
+    from evit_deploy.runtime.torch_backend import TorchBackend
+
+    monkeypatch.setattr(TorchBackend, "run", lambda self, batch: torch.empty(10**13))
+    result = CliRunner().invoke(app, ["predict", str(fixture_files / "tiny.pth"), str(fixture_files / "photo.jpg")])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (
+        "error: out of memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+        "40000000000000 bytes. Error code 12 (Cannot allocate memory)); use a smaller batch or input size"
+    )
 
 
 @pytest.fixture(scope="module")

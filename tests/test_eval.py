@@ -77,7 +77,7 @@ def artifacts(tmp_path_factory, onnx_export):
 def run_eval(artifact, dataset, tmp_path, *extra) -> dict:
     out = tmp_path / f"{artifact.name}.json"
     result = runner.invoke(
-        app, ["eval", str(artifact), str(dataset), "--batch", "5", "--json", str(out), *extra]
+        app, ["eval", str(artifact), str(dataset), "--batch", "5", "--json-out", str(out), *extra]
     )
     assert result.exit_code == 0, result.output
     assert "img/s" in result.output

@@ -4,6 +4,7 @@ safe writing, the CLI, and the done-when matrix (every model validated against P
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import numpy as np
@@ -341,10 +342,10 @@ def test_cli_export(tmp_path):
     source = random_model(TINY, 0.7, seed=4)
     checkpoint = tmp_path / "tiny.pth"
     torch.save({"model": source.state_dict()}, checkpoint)
-    proc = run_cli(
-        "export", "--checkpoint", checkpoint.name, "--model", "deit_tiny_patch16_shrink_base",
+    proc = run_cli(  # no --model: the architecture is read off the weights
+        "export", "--checkpoint", checkpoint.name,
         "--keep-rate", "0.5", "--no-fuse-token", "--drop-loc", "3,6,9", "--with-token-indices",
-        "-o", "out.onnx", cwd=tmp_path,
+        "-o", "out.onnx", "--json-out", "out.json", cwd=tmp_path,
     )
     out = proc.stdout
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -358,7 +359,11 @@ def test_cli_export(tmp_path):
         "[196, 196, 196, 196, 98, 98, 98, 49, 49, 49, 25, 25]"
     )
     assert lines["next"].split(None, 1)[1].strip() == "evit-deploy bench out.onnx --batch 64"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "tiny.pth"]
+    assert "deit_tiny_patch16_224, keep rate 0.5, drop blocks 3,6,9, no fused token" in lines["model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.onnx", "tiny.pth"]
+    record = json.loads((tmp_path / "out.json").read_text())
+    assert record["metadata"]["keep_rate"] == 0.5 and record["metadata"]["drop_loc"] == [3, 6, 9]
+    assert record["metadata"]["fuse_token"] is False and record["validation"]
 
     meta = read_onnx_metadata(tmp_path / "out.onnx")
     assert (meta.model, meta.keep_rate, meta.drop_loc, meta.fuse_token) == (TINY, 0.5, [3, 6, 9], False)

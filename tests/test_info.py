@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import warnings
 
 import onnx
@@ -13,6 +15,8 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from evit_deploy.cli import app
+from evit_deploy.engines.header import EngineHeader, encode_header
+from evit_deploy.engines.settings import BuildSettings
 from evit_deploy.export.onnx import stamp_metadata
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model import EvitConfig, build_model
@@ -108,7 +112,16 @@ def test_reads_checkpoints_and_onnx_metadata(tmp_path):
         0.5,
     )
 
-    # info reads only the metadata, so a one-node graph stamped like an export stands in for one.
+    path = stub_export(tmp_path / "base.onnx", EvitConfig("deit_base_patch16_224", 0.6, img_size=256))
+    got = info_json(str(path))
+    assert (got["model"], got["keep_rate"], got["img_size"]) == ("deit_base_patch16_224", 0.6, 256)
+    assert got["macs"] == hand_count("deit_base_patch16_224", 0.6, 256)[1]
+    refused = runner.invoke(app, ["info", str(path), "--keep-rate", "0.7"])
+    assert refused.exit_code == 2 and "keep_rate 0.6" in refused.output
+
+
+def stub_export(path, config: EvitConfig):
+    """A one-node graph stamped like an export: info reads only the metadata."""
     graph = helper.make_graph(
         [helper.make_node("Identity", ["images"], ["logits"])],
         "stub",
@@ -116,16 +129,58 @@ def test_reads_checkpoints_and_onnx_metadata(tmp_path):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1])],
     )
     stub = helper.make_model(graph)
-    stamp_metadata(
-        stub, ArtifactMetadata.from_config(EvitConfig("deit_base_patch16_224", 0.6, img_size=256))
-    )
-    path = tmp_path / "base.onnx"
+    stamp_metadata(stub, ArtifactMetadata.from_config(config))
     onnx.save(stub, str(path))
-    got = info_json(str(path))
-    assert (got["model"], got["keep_rate"], got["img_size"]) == ("deit_base_patch16_224", 0.6, 256)
-    assert got["macs"] == hand_count("deit_base_patch16_224", 0.6, 256)[1]
-    refused = runner.invoke(app, ["info", str(path), "--keep-rate", "0.7"])
-    assert refused.exit_code == 2 and "keep_rate 0.6" in refused.output
+    return path
+
+
+def stub_engine(path, config: EvitConfig):
+    """An evit-deploy engine file: the header info reads, then bytes no TensorRT would load."""
+    header = EngineHeader(
+        ArtifactMetadata.from_config(config), "10.9.0", "NVIDIA H100", "9.0", "fp16",
+        BuildSettings(), [3, config.img_size, config.img_size],
+    )
+    path.write_bytes(encode_header(header) + b"not a plan")
+    return path
+
+
+def test_info_reads_onnx_and_engines_without_torch_or_onnxruntime(tmp_path):
+    """The metadata is all info needs: in a fresh interpreter, neither torch nor onnxruntime
+    gets imported (they take seconds)."""
+    onnx_file = stub_export(tmp_path / "tiny.onnx", EvitConfig("deit_tiny_patch16_224", 0.5))
+    engine = stub_engine(tmp_path / "tiny.plan", EvitConfig("deit_tiny_patch16_224", 0.6))
+    code = f"""
+import json, sys
+from evit_deploy.cli import app
+for path, keep_rate in (({str(onnx_file)!r}, 0.5), ({str(engine)!r}, 0.6)):
+    app(["info", path, "--json-out", path + ".json"], standalone_mode=False)
+    assert json.load(open(path + ".json"))["keep_rate"] == keep_rate
+heavy = sorted({{"torch", "onnxruntime", "tensorrt"}} & set(sys.modules))
+assert not heavy, heavy
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "deit_tiny_patch16_224, keep rate 0.6" in proc.stdout
+
+
+def test_info_json_and_json_out(tmp_path):
+    out = tmp_path / "info.json"
+    result = runner.invoke(app, ["info", "deit_tiny_patch16_224", "--json-out", str(out)])
+    assert result.exit_code == 0 and "params" in result.output and "wrote" in result.output
+    assert json.loads(out.read_text())["model"] == "deit_tiny_patch16_224"
+    again = runner.invoke(app, ["info", "deit_tiny_patch16_224", "--json-out", str(out)])
+    assert again.exit_code == 2 and "pass --force" in again.output
+    both = runner.invoke(app, ["info", "deit_tiny_patch16_224", "--json", "--json-out", str(out), "--force"])
+    assert both.exit_code == 0 and json.loads(both.output) == json.loads(out.read_text())
+
+
+def test_a_file_that_is_no_model_says_what_it_is_not(tmp_path):
+    junk = tmp_path / "weights.bin"
+    junk.write_bytes(bytes(range(256)) * 8)
+    result = runner.invoke(app, ["info", str(junk)])
+    assert result.exit_code == 1
+    assert "is not an ONNX model (.onnx), an evit-deploy engine (.plan/.engine) or a checkpoint" in result.output
+    assert "unknown model" not in result.output
 
 
 def test_unknown_model_suggests_a_name():
@@ -135,7 +190,7 @@ def test_unknown_model_suggests_a_name():
 
 def test_plan_keeps_the_most_tokens_within_the_budget():
     result = runner.invoke(
-        app, ["plan", "--budget-gmacs", "4.6", "--model", "deit_small_patch16_224", "--json"]
+        app, ["plan", "deit_small_patch16_224", "--budget-gmacs", "4.6", "--json"]
     )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
@@ -150,9 +205,21 @@ def test_plan_keeps_the_most_tokens_within_the_budget():
     assert all(len(row["tokens_per_block"]) == 12 for row in rows)
 
 
+def test_plan_takes_a_model_file(tmp_path):
+    """The architecture and head come from the file; sizes and keep rates are what plan varies."""
+    path = stub_export(tmp_path / "base.onnx", EvitConfig("deit_base_patch16_224", 0.6, img_size=256))
+    result = runner.invoke(app, ["plan", str(path), "--budget-gmacs", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert {row["model"] for row in rows} == {"deit_base_patch16_224"} and len(rows) > 1
+    assert all(row["gmacs"] <= 12 for row in rows)
+    refused = runner.invoke(app, ["plan", str(path), "--budget-gmacs", "12", "--drop-loc", "2,5,8"])
+    assert refused.exit_code == 2 and "drop_loc (3, 6, 9)" in refused.output
+
+
 def test_plan_says_what_is_cheapest_when_nothing_fits():
     result = runner.invoke(
-        app, ["plan", "--budget-gmacs", "0.5", "--model", "deit_small_patch16_224"]
+        app, ["plan", "deit_small_patch16_224", "--budget-gmacs", "0.5"]
     )
     assert result.exit_code == 2
     assert "nothing fits 0.5 GMACs" in result.output and "224 px at keep rate 0.4" in result.output

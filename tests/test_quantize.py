@@ -21,7 +21,7 @@ from conftest import TINY, assert_one_line_error, config_for, fresh_model, run_c
 from evit_deploy.data.shapes import CLASSES, write_dataset
 from evit_deploy.errors import UsageError
 from evit_deploy.export import export_onnx
-from evit_deploy.export.onnx import read_onnx_metadata
+from evit_deploy.metadata import read_onnx_metadata
 from evit_deploy.export.quantize import calibration_set, quantize_onnx
 from evit_deploy.export.validate import ValidationFailed
 from evit_deploy.export.score_path import score_path_nodes

@@ -14,8 +14,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
+from conftest import BENCH_JSON_KEYS
 from evit_deploy import Predictor
+from evit_deploy.cli import app
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export import export_onnx
 from evit_deploy.metadata import ArtifactMetadata
@@ -238,8 +241,9 @@ def test_bench_evit_beside_cached_plain_baseline(artifacts, tmp_path, monkeypatc
     monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(tmp_path / "cache"))
     report = bench_artifact(artifacts["onnx"], [1, 2], iterations=2, warmup=1)
     assert [(r.keep_rate, r.batch) for r in report.runs] == [(0.7, 1), (1.0, 1), (0.7, 2), (1.0, 2)]
-    assert set(report.speedup) == {1, 2} and all(s > 0 for s in report.speedup.values())
-    assert report.flops_ratio == pytest.approx(report.runs[1].gmacs / report.runs[0].gmacs)
+    assert set(report.speedup) == {0.7} and set(report.speedup[0.7]) == {1, 2}
+    assert all(s > 0 for s in report.speedup[0.7].values())
+    assert report.flops_ratio == {0.7: pytest.approx(report.runs[1].gmacs / report.runs[0].gmacs)}
     baselines = list((tmp_path / "cache" / "baselines").glob("*.onnx"))
     assert len(baselines) == 1
     # the baseline was rebuilt from the same checkpoint: same weights, so at keep 1.0 the
@@ -256,19 +260,52 @@ def test_bench_cli_writes_json(artifacts, tmp_path):
     env = {**os.environ, "EVIT_DEPLOY_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(
         [sys.executable, "-m", "evit_deploy", "bench", str(artifacts["onnx"]), "--batch", "1,2",
-         "--iters", "2", "--warmup", "0", "--json", str(out)],
+         "--iters", "2", "--warmup", "0", "--json-out", str(out)],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert len(data["runs"]) == 4 and set(data["speedup"]) == {"1", "2"}
+    assert len(data["runs"]) == 4 and set(data["speedup"]) == {"0.7"}
+    assert set(data["speedup"]["0.7"]) == {"1", "2"} and set(data["flops_ratio"]) == {"0.7"}
+    assert [v["keep_rate"] for v in data["variants"]] == [0.7, 1.0] and set(data) == BENCH_JSON_KEYS
+    assert data["end_to_end"] == [] and data["accuracy"] == {}
     for run in data["runs"]:
         assert {"model", "keep_rate", "backend", "batch", "latency_ms", "throughput_ips", "gmacs"} <= set(run)
         assert set(run["latency_ms"]) == {"mean", "p50", "p90", "p99"}
-    assert "EViT is" in proc.stdout and "FLOPs ratio" in proc.stdout
+    assert "EViT (keep 0.7) is" in proc.stdout and "FLOPs ratio" in proc.stdout
     again = subprocess.run(
         [sys.executable, "-m", "evit_deploy", "bench", str(artifacts["onnx"]), "--batch", "1",
-         "--iters", "1", "--json", str(out)],
+         "--iters", "1", "--json-out", str(out)],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_bench_end_to_end_times_every_stage_beside_the_model_alone(artifacts, tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    Image.open(SAMPLE_IMAGE).save(folder / "photo.jpg")
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(folder / "sub" / "green.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [
+        "bench", str(artifacts["pth"]), "--keep-rate", "0.7", "--batch", "1,3", "--iters", "2",
+        "--warmup", "0", "--end-to-end", str(folder), "--threads", "2", "--json-out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert set(data) == BENCH_JSON_KEYS
+    rows = data["end_to_end"]
+    assert [(r["keep_rate"], r["batch"]) for r in rows] == [(0.7, 1), (1.0, 1), (0.7, 3), (1.0, 3)]
+    assert [(r["keep_rate"], r["batch"]) for r in data["runs"]] == [(0.7, 1), (1.0, 1), (0.7, 3), (1.0, 3)]
+    for row in rows:
+        ms = row["ms_per_image"]
+        assert set(ms) == {"decode", "preprocess", "inference", "topk", "total"}
+        assert all(ms[stage] > 0 for stage in ms)
+        assert ms["total"] == pytest.approx(ms["decode"] + ms["preprocess"] + ms["inference"] + ms["topk"])
+        assert sum(row["share"].values()) == pytest.approx(1.0)
+        assert (row["images"], row["batches"], row["preprocess_threads"]) == (2, 2, 2)
+        assert row["throughput_ips"] == pytest.approx(1000 / ms["total"])
+    assert set(data["end_to_end_speedup"]) == {"0.7"} and set(data["end_to_end_speedup"]["0.7"]) == {"1", "3"}
+    for fragment in ("End to end: image files to top-5", "2 image file(s)", "2 thread(s)", "end to end, EViT (keep 0.7) is"):
+        assert fragment in result.output

@@ -165,6 +165,16 @@ def test_python_backend_library_path_is_set_then_restored(monkeypatch):
     assert os.environ["LD_LIBRARY_PATH"] == "/somewhere"
 
 
+def test_undecodable_upload_is_answered_without_python_internals():
+    from evit_deploy.serve.rest import RequestError, decode_image
+
+    for body in (b"this is not an image", np.random.default_rng(0).bytes(2048)):
+        with pytest.raises(RequestError) as caught:
+            decode_image(body, 40_000_000)
+        assert caught.value.status == 400
+        assert caught.value.message == "cannot decode image: not a JPEG, PNG, WEBP, BMP image"
+
+
 def test_missing_pytriton_is_one_clear_error(monkeypatch, artifact):
     from evit_deploy.serve import EvitServer
 
@@ -308,7 +318,7 @@ def test_bad_input_gets_4xx_with_a_message_and_the_server_keeps_serving(server, 
     good = np.random.default_rng(3).standard_normal((1, 3, 224, 224), dtype=np.float32)
     with connect(server) as client:
         rest_cases = [
-            (b"this is not an image", 400, "cannot decode image"),
+            (b"this is not an image", 400, "cannot decode image: not a JPEG"),
             (jpeg[: len(jpeg) // 2], 400, "cannot decode image"),
             (b"", 400, "empty body"),
             (b"GIF89a" + b"\0" * 64, 400, "cannot decode"),
@@ -361,7 +371,7 @@ def test_cli_loadtest_reports_zero_errors_and_mismatches(server, artifact, tmp_p
     out = tmp_path / "load.json"
     proc = run_cli(
         "loadtest", server.urls["http"], "--concurrency", "8", "--requests", "32",
-        "--artifact", artifact, "--json", out, "--max-seconds", "120", timeout=180,
+        "--artifact", artifact, "--json-out", out, "--max-seconds", "120", timeout=180,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
@@ -496,6 +506,7 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(artifact, predictor):
         stdout, stderr = proc.communicate(timeout=90)
         assert proc.returncode == 0, stdout + stderr
         assert "serving" in stdout and "stopped" in stderr, stdout + stderr
+        assert "Task was destroyed" not in stderr and "Traceback" not in stderr, stderr
         for i in range(3):
             assert isinstance(results[i], np.ndarray), results[i]
             assert logits_match(results[i], predictor.logits(inputs[i]))

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, config_for, random_images, random_model
+from conftest import BENCH_JSON_KEYS, TINY, config_for, random_images, random_model
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -46,7 +46,7 @@ def test_pytorch_sweep_writes_json_and_plot(checkpoint, tmp_path):
             "--batch",
             "1,2",
             *FAST,
-            "--json",
+            "--json-out",
             str(out),
             "--plot",
             str(plot),
@@ -56,7 +56,10 @@ def test_pytorch_sweep_writes_json_and_plot(checkpoint, tmp_path):
     )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
+    assert set(report) == BENCH_JSON_KEYS  # one schema with the single bench's
     assert [v["keep_rate"] for v in report["variants"]] == [0.5, 1.0]
+    assert set(report["speedup"]) == set(report["flops_ratio"]) == {"0.5"}
+    assert set(report["speedup"]["0.5"]) == {"1", "2"} and report["flops_ratio"]["0.5"] > 1
     gmacs = [v["gmacs"] for v in report["variants"]]
     assert gmacs[0] < gmacs[1]
     assert sorted((r["keep_rate"], r["batch"]) for r in report["runs"]) == [
@@ -66,7 +69,7 @@ def test_pytorch_sweep_writes_json_and_plot(checkpoint, tmp_path):
         (1.0, 2),
     ]
     assert all(r["backend"] == "pytorch" and r["throughput_ips"] > 0 for r in report["runs"])
-    assert set(report["accuracy"]) == {"0.5", "1"}
+    assert set(report["accuracy"]) == {"0.5", "1.0"}
     assert report["accuracy"]["0.5"]["images"] == 2
     picture = np.asarray(Image.open(plot).convert("RGB"))
     assert picture.shape == (840, 640, 3)  # three panels: throughput, GMACs, accuracy
@@ -77,7 +80,7 @@ def test_onnx_sweep_exports_other_keep_rates_once_from_the_same_weights(
     onnx_export, cache_dir, tmp_path, monkeypatch
 ):
     source = onnx_export(config_for(TINY, 0.7), with_token_indices=True).path
-    args = ["bench", str(source), "--keep-rates", "0.5,0.7", "--batch", "1", *FAST, "--json"]
+    args = ["bench", str(source), "--keep-rates", "0.5,0.7", "--batch", "1", *FAST, "--json-out"]
     first = runner.invoke(app, [*args, str(tmp_path / "first.json")])
     assert first.exit_code == 0, first.output
     exports = list(cache_dir.rglob("*.onnx"))

@@ -70,7 +70,9 @@ def test_onnx_repository_parses_with_tritons_schema(onnx_artifact, tmp_path):
     labels = (model_dir / "labels.txt").read_text().splitlines()
     assert len(labels) == 1000 and labels[0] == "tench" and labels[999] == "toilet tissue"
     meta = json.loads((model_dir / "evit_metadata.json").read_text())
-    assert meta["img_size"] == "224" and meta["input_name"] == "images"
+    assert meta["img_size"] == 224 and meta["input_name"] == "images"  # typed JSON
+    assert meta["keep_rate"] == 0.7 and meta["drop_loc"] == [3, 6, 9] and meta["fuse_token"] is True
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["evit"]  # no temp folders left
 
 

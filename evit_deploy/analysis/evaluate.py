@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.preprocess import image_files, preprocess
+from evit_deploy.preprocess import find_images, preprocess
 from evit_deploy.runtime.labels import imagenet_classes
 from evit_deploy.runtime.predictor import Predictor
 
@@ -121,7 +121,7 @@ def find_samples(
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise EvitDeployError(f"data folder not found: {data_dir}")
-    images = image_files(data_dir)
+    images = find_images(data_dir)
     if labels_file is not None:
         samples = _samples_from_labels(data_dir, images, read_labels_file(Path(labels_file)))
     else:

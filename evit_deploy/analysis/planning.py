@@ -8,12 +8,11 @@ counted per block with the token counts the model actually runs (model/flops.py)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from evit_deploy.errors import UsageError
-from evit_deploy.export.onnx import read_onnx_metadata
-from evit_deploy.model.checkpoint import infer_model_name, read_state_dict
+from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.metadata import ArtifactMetadata, read_onnx_metadata
 from evit_deploy.model.config import DEFAULT_DROP_LOC, EvitConfig
 from evit_deploy.model.flops import BlockMacs, block_macs, count_macs, count_params
 
@@ -90,16 +89,15 @@ def model_cost(config: EvitConfig) -> ModelCost:
 
 
 def fit_budget(
-    model: str,
+    base: EvitConfig,
     budget_gmacs: float,
     img_sizes: Sequence[int] = DEFAULT_PLAN_SIZES,
     keep_rates: Sequence[float] = DEFAULT_PLAN_KEEP_RATES,
-    drop_loc: tuple[int, ...] = DEFAULT_DROP_LOC,
-    fuse_token: bool = True,
 ) -> list[ModelCost]:
     """For each resolution, the highest keep rate whose cost fits the budget: the most tokens
-    that budget buys there. Resolutions where even the lowest keep rate is too dear are left out;
-    if none fits, the error names the cheapest option."""
+    that budget buys there. `base` gives the architecture, classes, drop blocks and fusion.
+    Resolutions where even the lowest keep rate is too dear are left out; if none fits, the
+    error names the cheapest option."""
     if budget_gmacs <= 0:
         raise UsageError(f"the budget must be positive, got {budget_gmacs} GMACs")
     if not img_sizes or not keep_rates:
@@ -109,7 +107,7 @@ def fit_budget(
     for size in sorted(set(img_sizes)):
         # Cost grows with the keep rate, so the first that fits from the top is the best one.
         for keep_rate in sorted(set(keep_rates), reverse=True):
-            cost = model_cost(EvitConfig(model, keep_rate, drop_loc, fuse_token, size))
+            cost = model_cost(replace(base, keep_rate=keep_rate, img_size=size))
             if cheapest is None or cost.macs < cheapest.macs:
                 cheapest = cost
             if cost.gmacs <= budget_gmacs:
@@ -144,8 +142,8 @@ def resolve_config(
     img_size: int | None = None,
 ) -> EvitConfig:
     """The configuration behind a model name, a checkpoint (architecture and head read off its
-    weights) or an exported ONNX (its metadata; its token counts are fixed, so settings that
-    differ are refused)."""
+    weights) or an exported ONNX or engine (its metadata; its token counts are fixed, so settings
+    that differ are refused). Exported files are read without torch or onnxruntime."""
     given = {
         "keep_rate": keep_rate,
         "drop_loc": drop_loc,
@@ -155,8 +153,8 @@ def resolve_config(
     overrides = {k: v for k, v in given.items() if v is not None}
     path = Path(target)
     suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        config = read_onnx_metadata(path).to_config()
+    if suffix in (".onnx", ".plan", ".engine"):
+        config = exported_metadata(path).to_config()
         differing = [
             f"{k} {getattr(config, k)}" for k, v in overrides.items() if getattr(config, k) != v
         ]
@@ -166,14 +164,25 @@ def resolve_config(
                 f"fixed; give the model name ({config.model}) to see other settings"
             )
         return config
-    if suffix in (".plan", ".engine"):
-        raise UsageError(
-            f"info reads ONNX files, checkpoints and model names; give the ONNX that {path.name} "
-            "was built from"
-        )
     if suffix in (".pth", ".pt", ".safetensors"):
+        from evit_deploy.model.checkpoint import infer_model_name, read_state_dict
+
         state = read_state_dict(path)
         head = state.get("head.weight")
         classes = {"num_classes": head.shape[0]} if head is not None and head.ndim == 2 else {}
         return EvitConfig(infer_model_name(state, path), **overrides, **classes)
+    if path.exists():
+        raise EvitDeployError(
+            f"{target} is not an ONNX model (.onnx), an evit-deploy engine (.plan/.engine) or a "
+            "checkpoint (.pth/.pt/.safetensors)"
+        )
     return EvitConfig(target, **overrides)
+
+
+def exported_metadata(path: Path) -> ArtifactMetadata:
+    """The metadata of an exported ONNX, or of an engine (its header, no TensorRT needed)."""
+    if path.suffix.lower() == ".onnx":
+        return read_onnx_metadata(path)
+    from evit_deploy.engines.header import read_engine_header
+
+    return read_engine_header(path).metadata

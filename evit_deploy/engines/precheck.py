@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from evit_deploy.errors import EvitDeployError
-from evit_deploy.export.onnx import load_onnx, onnx_metadata
+from evit_deploy.metadata import load_onnx, onnx_metadata
 from evit_deploy.metadata import ArtifactMetadata
 
 TOPK_MAX_K = 3840

@@ -4,7 +4,7 @@ imports beyond the standard library so `evit-deploy doctor` can use it on a brok
 from __future__ import annotations
 
 MIN_TENSORRT_MAJOR = 10
-TENSORRT_INSTALL = "pip install 'tensorrt>=10,<12'"
+TENSORRT_INSTALL = "pip install 'evit-deploy[tensorrt]', or in a clone pip install -e '.[tensorrt]'"
 TORCH_CUDA_INSTALL = (
     "a CUDA build of PyTorch and an NVIDIA driver "
     "(pip install torch --index-url https://download.pytorch.org/whl/cu126)"

@@ -334,7 +334,7 @@ def engine_graph(
 ) -> EngineGraph:
     """What TensorRT parses for these settings: an FP32 build, an FP16 ONNX as it is, or an FP32
     ONNX converted to mixed precision here (FP32 islands from the settings)."""
-    from evit_deploy.export.onnx import load_onnx
+    from evit_deploy.metadata import load_onnx
     from evit_deploy.export.precision import convert_to_fp16, fp32_compute_nodes, fp32_islands_of, is_fp16_model
 
     model = load_onnx(onnx_path)  # graph and initializer types; weights only if converting

@@ -25,7 +25,7 @@ from evit_deploy.export.validate import GATES, ValidationFailed, ValidationRepor
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 from evit_deploy.model.vit import EViT
-from evit_deploy.preprocess import image_files
+from evit_deploy.preprocess import find_images
 
 # The torch.export-based exporter writes opset 18 and up (its down-conversion to 17 fails on
 # EViT's graph); LayerNormalization is one node from 17 on, which TensorRT FP16 needs.
@@ -150,32 +150,6 @@ def stamp_metadata(model: onnx.ModelProto, metadata: ArtifactMetadata) -> None:
     model.producer_version = metadata.evit_deploy_version
 
 
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """An ONNX file's graph and metadata (external weights not loaded); a missing, empty or
-    unparsable file is one EvitDeployError."""
-    path = Path(path)
-    if not path.exists():
-        raise EvitDeployError(f"ONNX file not found: {path}")
-    if path.is_dir():
-        raise EvitDeployError(f"{path} is a directory; give an ONNX file")
-    if path.stat().st_size == 0:
-        raise EvitDeployError(f"ONNX file {path} is empty (0 bytes); export it again")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise EvitDeployError(f"cannot read ONNX file {path} (truncated or corrupted?)") from exc
-
-
-def read_onnx_metadata(path: str | Path) -> ArtifactMetadata:
-    """The evit-deploy metadata of an exported file."""
-    return onnx_metadata(load_onnx(path), path)
-
-
-def onnx_metadata(model: onnx.ModelProto, source: str | Path) -> ArtifactMetadata:
-    """The evit-deploy metadata stamped on a loaded ONNX model; refused when it has none."""
-    return ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(source))
-
-
 def check_opset(opset: int) -> None:
     """Refuse an opset the exporter or TensorRT cannot use, before any model is built."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -218,7 +192,7 @@ def export_onnx(
             "was not trained on, in class folders to measure accuracy)"
         )
     if validate_dir is not None:
-        image_files(validate_dir)  # a missing or empty folder fails now, not after tracing
+        find_images(validate_dir)  # a missing or empty folder fails now, not after tracing
     model = model.eval()
     on_step("exporting")
     proto = export_graph(model, opset, with_token_indices)

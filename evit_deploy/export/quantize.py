@@ -33,12 +33,13 @@ import numpy as np
 import onnx
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.onnx import load_onnx, onnx_metadata, stamp_metadata
+from evit_deploy.export.onnx import stamp_metadata
+from evit_deploy.metadata import load_onnx, onnx_metadata
 from evit_deploy.export.score_path import score_path_nodes
 from evit_deploy.export.validate import GATES, Gates, ValidationFailed, ValidationReport, onnx_runner, validate
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
 from evit_deploy.metadata import ArtifactMetadata
-from evit_deploy.preprocess import image_files, preprocess
+from evit_deploy.preprocess import find_images, preprocess
 
 METHODS = ("static", "dynamic", "nncf")
 CALIBRATION_CHUNK = 16  # images preprocessed and run per calibration step
@@ -61,7 +62,7 @@ class CalibrationSet:
 def calibration_set(folder: str | Path, limit: int | None = DEFAULT_CALIBRATION_IMAGES) -> CalibrationSet:
     """The images under `folder` (at most `limit`, spread evenly over the sorted list)."""
     folder = Path(folder)
-    files = sorted(image_files(folder))
+    files = sorted(find_images(folder))
     if limit is not None:
         if limit <= 0:
             raise UsageError(f"--calibration-images must be positive, got {limit}")
@@ -227,7 +228,7 @@ def quantize_onnx(
             "INT8 is judged on held-out images: pass --validate-dir DIR (images the model was not "
             "trained on, in class folders named as the model's classes to measure accuracy)"
         )
-    image_files(validate_dir)  # a missing or empty folder fails now
+    find_images(validate_dir)  # a missing or empty folder fails now
     if method != "dynamic" and calibration_dir is None:
         raise UsageError(f"--method {method} calibrates activation ranges: pass --calibration DIR")
     calibration = calibration_set(calibration_dir, calibration_images) if method != "dynamic" and calibration_dir else None

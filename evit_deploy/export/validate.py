@@ -29,7 +29,7 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 from evit_deploy.model.config import EvitConfig
 from evit_deploy.model.vit import kept_patch_ids
-from evit_deploy.preprocess import SAMPLE_IMAGE, image_files, load_image, preprocess
+from evit_deploy.preprocess import SAMPLE_IMAGE, find_images, load_image, preprocess
 
 REL_TOLERANCE = 1e-4  # FP32: max |candidate - reference| <= REL_TOLERANCE * max |reference|
 NEAR_TIE_GAP = 1e-4  # relative gap between the K-th and (K+1)-th class attention at the boundary
@@ -288,7 +288,7 @@ def labelled_images(folder: str | Path, meta: ArtifactMetadata) -> tuple[list[Pa
     try:
         samples = find_samples(folder, meta.num_classes, None, meta.classes)
     except EvitDeployError:
-        return image_files(folder), None
+        return find_images(folder), None
     return [s.path for s in samples], np.array([s.target for s in samples])
 
 

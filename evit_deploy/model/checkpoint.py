@@ -209,6 +209,18 @@ def read_class_names(path: str | Path, num_classes: int) -> list[str]:
             f"model with {num_classes} classes: one name per line, in class-id order"
         )
     return names
+def checkpoint_config(
+    checkpoint: str | Path | None, model: str | None = None, **settings
+) -> tuple[EvitConfig, dict[str, torch.Tensor] | None]:
+    """The configuration to build for a checkpoint, and its state dict (read once, for
+    build_model): the architecture is read off the weights unless `model` names one (a model
+    that does not fit them fails when they are loaded). Without a checkpoint: `model`, else the
+    default architecture, for random weights."""
+    state = read_state_dict(checkpoint) if checkpoint is not None else None
+    if model is None and state is not None:
+        model = infer_model_name(state, checkpoint)
+    config = EvitConfig(model, **settings) if model is not None else EvitConfig(**settings)
+    return config, state
 
 
 def file_sha256(path: str | Path) -> str:

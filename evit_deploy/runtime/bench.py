@@ -3,12 +3,16 @@
 Shared machines are noisy, so variants are timed interleaved (A, B, A, B, ...) on the same input
 and compared by median latency. Each iteration times the model alone: inputs are placed on the
 device once (`Backend.prepare`) and the backend waits for its result (CUDA synchronised).
+With an image folder, the whole path from files to top-k is timed too (runtime/end_to_end.py).
+
+`BenchReport` is what a single bench and a keep-rate sweep (runtime/sweep.py) both produce, and
+its `to_dict` is the one JSON schema of both (README, "bench JSON").
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +20,9 @@ import numpy as np
 
 from evit_deploy.errors import UsageError
 from evit_deploy.model.flops import count_macs, count_params
+from evit_deploy.preprocess import find_images
 from evit_deploy.runtime.backends import Backend, backend_for, load_backend
+from evit_deploy.runtime.end_to_end import EndToEndResult, time_end_to_end
 
 DEFAULT_MIN_SECONDS = 3.0
 
@@ -41,28 +47,107 @@ class BenchResult:
         return asdict(self)
 
 
+PLAIN_KEEP_RATE = 1.0
 REFERENCE = "plain FP32 on ONNX Runtime (CPU)"
+
+
+def rate_key(keep_rate: float) -> str:
+    """A keep rate as a JSON key, always with a decimal point: "0.7", "1.0"."""
+    return repr(float(keep_rate))
 
 
 @dataclass
 class BenchReport:
     runs: list[BenchResult]
-    # batch -> plain p50 / EViT p50, plain on the same backend at the same precision
-    speedup: dict[int, float] = field(default_factory=dict)
-    flops_ratio: float | None = None  # plain GMACs / EViT GMACs: what the speed-up approaches
-    # batch -> reference p50 / EViT p50: the reference is REFERENCE, for CPU runs (timed
-    # interleaved with the others, or the plain run itself when that is ONNX Runtime FP32)
-    reference_speedup: dict[int, float] = field(default_factory=dict)
+    variants: list[dict] = field(default_factory=list)  # see describe_variant
+    accuracy: dict[float, dict] = field(default_factory=dict)  # keep rate -> EvalResult dict
+    end_to_end: list[EndToEndResult] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> dict[float, dict[int, float]]:
+        """keep rate -> batch -> throughput over the plain ViT's (keep 1.0) on the same backend at
+        the same precision, the model alone."""
+        return _over_plain(self.runs, lambda run: run.latency_ms["p50"])
+
+    @property
+    def reference_speedup(self) -> dict[float, dict[int, float]]:
+        """keep rate -> batch -> throughput over REFERENCE's, for CPU runs (timed interleaved with
+        the others, or the plain run itself when that is ONNX Runtime FP32)."""
+        reference = {run.batch: run.latency_ms["p50"] for run in self.runs if is_reference_run(run)}
+        ratios: dict[float, dict[int, float]] = {}
+        for run in self.runs:
+            if run.keep_rate != PLAIN_KEEP_RATE and run.batch in reference:
+                ratios.setdefault(run.keep_rate, {})[run.batch] = reference[run.batch] / run.latency_ms["p50"]
+        return ratios
+
+    @property
+    def end_to_end_speedup(self) -> dict[float, dict[int, float]]:
+        """The same as speedup from image files to top-k classes."""
+        return _over_plain(self.end_to_end, lambda run: run.total_ms)
+
+    @property
+    def flops_ratio(self) -> dict[float, float]:
+        """keep rate -> plain GMACs / its GMACs: the speed-up its FLOPs promise."""
+        gmacs = {v["keep_rate"]: v["gmacs"] for v in self.variants}
+        plain = gmacs.get(PLAIN_KEEP_RATE)
+        return {k: plain / g for k, g in gmacs.items() if plain and k != PLAIN_KEEP_RATE}
 
     def to_dict(self) -> dict:
-        out: dict = {"runs": [r.to_dict() for r in self.runs]}
-        if self.speedup:
-            out["speedup"] = {str(b): s for b, s in self.speedup.items()}
-            out["flops_ratio"] = self.flops_ratio
+        def by_rate(ratios: dict[float, dict[int, float]]) -> dict:
+            return {rate_key(k): {str(b): s for b, s in by_batch.items()} for k, by_batch in ratios.items()}
+
+        out = {
+            "runs": [r.to_dict() for r in self.runs],
+            "variants": self.variants,
+            "speedup": by_rate(self.speedup),
+            "flops_ratio": {rate_key(k): r for k, r in self.flops_ratio.items()},
+            "accuracy": {rate_key(k): a for k, a in self.accuracy.items()},
+            "end_to_end": [e.to_dict() for e in self.end_to_end],
+            "end_to_end_speedup": by_rate(self.end_to_end_speedup),
+        }
         if self.reference_speedup:
             out["reference"] = REFERENCE
-            out["reference_speedup"] = {str(b): s for b, s in self.reference_speedup.items()}
+            out["reference_speedup"] = by_rate(self.reference_speedup)
         return out
+
+
+def is_reference_run(run) -> bool:
+    """A plain FP32 run on ONNX Runtime's CPU provider: REFERENCE."""
+    return (
+        run.keep_rate == PLAIN_KEEP_RATE and run.backend == "onnxruntime"
+        and run.provider == "CPUExecutionProvider" and run.precision == "fp32"
+    )
+
+
+def _over_plain(rows: Sequence, time_of: Callable) -> dict[float, dict[int, float]]:
+    """keep rate -> batch -> the plain ViT's time / this row's time, for rows (runs or
+    end-to-end runs) that have a plain row at the same batch size, backend and precision."""
+    def key(row):
+        return row.batch, row.backend, row.precision
+
+    plain = {key(row): time_of(row) for row in rows if row.keep_rate == PLAIN_KEEP_RATE}
+    ratios: dict[float, dict[int, float]] = {}
+    for row in rows:
+        if row.keep_rate != PLAIN_KEEP_RATE and key(row) in plain:
+            ratios.setdefault(row.keep_rate, {})[row.batch] = plain[key(row)] / time_of(row)
+    return ratios
+
+
+def describe_variant(artifact: str | Path, backend: Backend) -> dict:
+    """One timed model: keep_rate, artifact, backend, precision, gmacs, published_gmacs,
+    tokens_per_block."""
+    from evit_deploy.analysis.planning import model_cost
+
+    cost = model_cost(backend.metadata.to_config())
+    return {
+        "keep_rate": cost.config.keep_rate,
+        "artifact": str(artifact),
+        "backend": backend.name,
+        "precision": backend.precision,
+        "gmacs": cost.gmacs,
+        "published_gmacs": cost.published_gmacs,
+        "tokens_per_block": cost.tokens_per_block,
+    }
 
 
 def parse_batches(text: str) -> list[int]:
@@ -145,40 +230,69 @@ def _percentiles(ms: np.ndarray) -> dict[str, float]:
     }
 
 
-def load_baseline(primary: Backend, path: Path, backend: str, device: str | None, options: dict) -> Backend:
+def load_baseline(
+    primary: Backend, path: Path, backend: str, device: str | None, options: dict
+) -> tuple[Path, Backend]:
     """The plain ViT of the same weights on the same backend with the same settings (an INT8
-    artifact's plain ViT quantized the same way)."""
+    artifact's plain ViT quantized the same way), and its file."""
     kind = backend_for(path, backend)
     if kind == "pytorch":
-        return load_backend(path, "pytorch", device, **{**options, "keep_rate": 1.0})
+        options = {**options, "keep_rate": PLAIN_KEEP_RATE}
+        return path, load_backend(path, "pytorch", device, **options)
     if kind == "tensorrt":
         from evit_deploy.engines.tensorrt import build_baseline_engine
 
-        return load_backend(build_baseline_engine(path, device), "tensorrt", device)
+        engine = build_baseline_engine(path, device)
+        return engine, load_backend(engine, "tensorrt", device)
     from evit_deploy.runtime.baseline import baseline_onnx, quantized_baseline_onnx
 
     if primary.metadata.precision == "int8":
         plain = quantized_baseline_onnx(primary.metadata)
     else:
         plain = baseline_onnx(primary.metadata)
-    return load_backend(plain, kind, device, **options)
+    return plain, load_backend(plain, kind, device, **options)
 
 
 def runs_on_cpu(backend: Backend) -> bool:
     return backend.name == "openvino" or backend.provider in ("CPUExecutionProvider", "cpu (eager)")
 
 
-def is_reference_kind(backend: Backend) -> bool:
-    """Whether a plain run on `backend` is the reference itself (ONNX Runtime FP32 on the CPU)."""
-    return backend.name == "onnxruntime" and backend.provider == "CPUExecutionProvider" and backend.precision == "fp32"
-
-
-def load_reference(primary: Backend, options: dict) -> Backend:
-    """The plain FP32 ViT of the same weights on ONNX Runtime's CPU provider."""
+def load_reference(primary: Backend, options: dict) -> tuple[Path, Backend]:
+    """REFERENCE: the plain FP32 ViT of the same weights on ONNX Runtime's CPU provider."""
     from evit_deploy.runtime.baseline import baseline_onnx
 
     threads = {"threads": options["threads"]} if options.get("threads") else {}
-    return load_backend(baseline_onnx(primary.metadata), "onnxruntime", "cpu", **threads)
+    plain = baseline_onnx(primary.metadata)
+    return plain, load_backend(plain, "onnxruntime", "cpu", **threads)
+
+
+def time_variants(
+    report: BenchReport,
+    variants: Sequence[Backend],
+    batches: Sequence[int],
+    warmup: int,
+    iterations: int | None,
+    min_seconds: float,
+    end_to_end_dir: str | Path | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+    on_step: Callable[[str], None] = lambda step: None,
+) -> None:
+    """Model-only runs of every variant at each batch size (interleaved), and with an image
+    folder the end-to-end runs at the same batch sizes, added to `report`."""
+    images = find_images(end_to_end_dir) if end_to_end_dir is not None else []
+    rng = np.random.default_rng(seed)
+    size = variants[0].metadata.img_size
+    for batch in batches:
+        on_step(f"timing {len(variants)} model(s) at batch {batch}")
+        inputs = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+        seconds = interleaved_latencies(variants, inputs, warmup, iterations, min_seconds)
+        report.runs.extend(summarize(v, batch, s) for v, s in zip(variants, seconds))
+        if images:
+            on_step(f"timing {len(variants)} model(s) end to end at batch {batch}")
+            report.end_to_end.extend(
+                time_end_to_end(variants, images, batch, threads, iterations, min_seconds)
+            )
 
 
 def bench_artifact(
@@ -190,32 +304,32 @@ def bench_artifact(
     iterations: int | None = None,
     min_seconds: float = DEFAULT_MIN_SECONDS,
     baseline: bool = True,
+    end_to_end_dir: str | Path | None = None,
     seed: int = 0,
+    on_step: Callable[[str], None] = lambda step: None,
     **options,
 ) -> BenchReport:
     """Time `path` at each batch size; for an EViT artifact also its plain ViT and, on the CPU,
-    the reference (plain FP32 on ONNX Runtime), all interleaved."""
+    REFERENCE, all interleaved. With `end_to_end_dir`, also the whole path from its image files
+    to top-k classes."""
     path = Path(path)
     primary = load_backend(path, backend, device, **options)
-    variants = [primary]
-    with_baseline = baseline and primary.metadata.to_config().is_evit
-    if with_baseline:
-        variants.append(load_baseline(primary, path, backend, device, options))
-    with_reference = with_baseline and runs_on_cpu(primary)
-    if with_reference and not is_reference_kind(variants[-1]):
-        variants.append(load_reference(primary, options))
-    rng = np.random.default_rng(seed)
-    report = BenchReport(runs=[])
-    for batch in batches:
-        size = primary.metadata.img_size
-        inputs = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
-        seconds = interleaved_latencies(variants, inputs, warmup, iterations, min_seconds)
-        results = [summarize(v, batch, s) for v, s in zip(variants, seconds)]
-        report.runs.extend(results)
-        if with_baseline:
-            evit, plain, reference = results[0], results[1], results[-1]
-            report.speedup[batch] = plain.latency_ms["p50"] / evit.latency_ms["p50"]
-            report.flops_ratio = plain.gmacs / evit.gmacs
-            if with_reference:
-                report.reference_speedup[batch] = reference.latency_ms["p50"] / evit.latency_ms["p50"]
+    files, variants = [path], [primary]
+    if baseline and primary.metadata.to_config().is_evit:
+        on_step("loading the plain ViT")
+        plain_path, plain = load_baseline(primary, path, backend, device, options)
+        files.append(plain_path)
+        variants.append(plain)
+        if runs_on_cpu(primary) and not (
+            plain.name == "onnxruntime" and plain.provider == "CPUExecutionProvider" and plain.precision == "fp32"
+        ):
+            on_step("loading the reference: plain FP32 on ONNX Runtime")
+            reference_path, reference = load_reference(primary, options)
+            files.append(reference_path)
+            variants.append(reference)
+    report = BenchReport(runs=[], variants=[describe_variant(f, v) for f, v in zip(files, variants)])
+    time_variants(
+        report, variants, batches, warmup, iterations, min_seconds, end_to_end_dir,
+        options.get("threads"), seed, on_step,
+    )
     return report

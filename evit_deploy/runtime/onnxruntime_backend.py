@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.onnx import load_onnx, onnx_metadata
 from evit_deploy.export.precision import model_precision
-from evit_deploy.metadata import ArtifactMetadata
+from evit_deploy.metadata import ArtifactMetadata, load_onnx, onnx_metadata
 from evit_deploy.runtime.backends import Backend, cpu_name
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

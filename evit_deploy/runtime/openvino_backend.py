@@ -66,7 +66,7 @@ def read_model(path: str | Path):
     ov = import_openvino()
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        from evit_deploy.export.onnx import read_onnx_metadata
+        from evit_deploy.metadata import read_onnx_metadata
 
         metadata = read_onnx_metadata(path)
     try:

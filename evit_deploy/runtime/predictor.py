@@ -47,13 +47,22 @@ class Predictor:
         max_batch: int | None = None,
         **options,
     ):
-        self.backend: Backend = load_backend(path, backend, device, **options)
-        self.metadata = self.backend.metadata
-        limit = self.backend.max_batch
+        self._attach(load_backend(path, backend, device, **options), max_batch)
+
+    @classmethod
+    def from_backend(cls, backend: Backend, max_batch: int | None = None) -> "Predictor":
+        """A Predictor around a backend already loaded (bench times both on the same one)."""
+        predictor = cls.__new__(cls)
+        predictor._attach(backend, max_batch)
+        return predictor
+
+    def _attach(self, backend: Backend, max_batch: int | None) -> None:
+        self.backend = backend
+        self.metadata = backend.metadata
         if max_batch is not None and max_batch <= 0:
             raise EvitDeployError(f"max_batch must be positive, got {max_batch}")
-        self.max_batch = min(filter(None, (max_batch, limit)), default=None)
-        self._lock = contextlib.nullcontext() if self.backend.thread_safe else threading.Lock()
+        self.max_batch = min(filter(None, (max_batch, backend.max_batch)), default=None)
+        self._lock = contextlib.nullcontext() if backend.thread_safe else threading.Lock()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

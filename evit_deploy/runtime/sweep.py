@@ -10,19 +10,18 @@ folder, and the results are plotted against the keep rate.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.fileio import atomic_output
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.bench import (
     DEFAULT_MIN_SECONDS,
-    BenchResult,
-    interleaved_latencies,
-    summarize,
+    PLAIN_KEEP_RATE,
+    BenchReport,
+    describe_variant,
+    time_variants,
 )
 
 
@@ -32,20 +31,6 @@ class Variant:
     artifact: Path
     backend: str
     options: dict
-
-
-@dataclass
-class SweepReport:
-    runs: list[BenchResult]
-    variants: list[dict]  # keep_rate, artifact, gmacs, published_gmacs, tokens_per_block
-    accuracy: dict[float, dict] = field(default_factory=dict)  # keep rate -> EvalResult dict
-
-    def to_dict(self) -> dict:
-        return {
-            "variants": self.variants,
-            "runs": [r.to_dict() for r in self.runs],
-            "accuracy": {f"{k:g}": v for k, v in self.accuracy.items()},
-        }
 
 
 def parse_keep_rates(text: str) -> list[float]:
@@ -82,7 +67,7 @@ def sweep_variants(
             raise UsageError("the pytorch backend sweeps a checkpoint: give the .pth/.safetensors")
         return [Variant(k, path, "pytorch", {**options, "keep_rate": k}) for k in keep_rates]
     if source_kind == "onnxruntime":
-        from evit_deploy.export.onnx import read_onnx_metadata
+        from evit_deploy.metadata import read_onnx_metadata
 
         metadata = read_onnx_metadata(path)
     else:
@@ -108,35 +93,23 @@ def sweep_keep_rates(
     iterations: int | None = None,
     min_seconds: float = DEFAULT_MIN_SECONDS,
     eval_dir: str | Path | None = None,
+    end_to_end_dir: str | Path | None = None,
     on_step: Callable[[str], None] = lambda step: None,
     seed: int = 0,
     **options,
-) -> SweepReport:
-    """Time every keep rate at each batch size (interleaved), and evaluate each on `eval_dir`."""
-    from evit_deploy.analysis.planning import model_cost
-
+) -> BenchReport:
+    """Time every keep rate at each batch size (interleaved), optionally also from image files
+    to top-k (`end_to_end_dir`), and evaluate each on `eval_dir`."""
     variants = sweep_variants(path, keep_rates, backend, on_step, **options)
     on_step("loading")
     loaded = [load_backend(v.artifact, v.backend, device, **v.options) for v in variants]
-    report = SweepReport(runs=[], variants=[])
-    for variant, backend_ in zip(variants, loaded):
-        cost = model_cost(backend_.metadata.to_config())
-        report.variants.append(
-            {
-                "keep_rate": variant.keep_rate,
-                "artifact": str(variant.artifact),
-                "gmacs": cost.gmacs,
-                "published_gmacs": cost.published_gmacs,
-                "tokens_per_block": cost.tokens_per_block,
-            }
-        )
-    rng = np.random.default_rng(seed)
-    for batch in batches:
-        on_step(f"timing {len(loaded)} keep rates at batch {batch}")
-        size = loaded[0].metadata.img_size
-        inputs = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
-        seconds = interleaved_latencies(loaded, inputs, warmup, iterations, min_seconds)
-        report.runs.extend(summarize(b, batch, s) for b, s in zip(loaded, seconds))
+    report = BenchReport(
+        runs=[], variants=[describe_variant(v.artifact, b) for v, b in zip(variants, loaded)]
+    )
+    time_variants(
+        report, loaded, batches, warmup, iterations, min_seconds, end_to_end_dir,
+        options.get("threads"), seed, on_step,
+    )
     if eval_dir is not None:
         num_classes = loaded[0].metadata.num_classes
         report.accuracy = evaluate_variants(
@@ -167,13 +140,15 @@ def evaluate_variants(
 
 def check_plotting() -> None:
     """Fail before a long sweep, not after it, when matplotlib (the `plot` extra) is missing."""
+    from evit_deploy.doctor import PLOT_INSTALL
+
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise EvitDeployError("--plot needs matplotlib: pip install 'evit-deploy[plot]'") from None
+        raise EvitDeployError(f"--plot needs matplotlib: {PLOT_INSTALL}") from None
 
 
-def plot_sweep(report: SweepReport, path: str | Path, force: bool = False) -> Path:
+def plot_sweep(report: BenchReport, path: str | Path, force: bool = False) -> Path:
     """Throughput, GMACs (ours and the paper's) and, when measured, accuracy against keep rate,
     one panel each, written as a PNG (Agg, no display needed)."""
     check_plotting()
@@ -201,9 +176,9 @@ def plot_sweep(report: SweepReport, path: str | Path, force: bool = False) -> Pa
             "o-",
             label=f"batch {batch}",
         )[0]
-        plain = next((r for r in runs if r.keep_rate == 1.0), None)
+        plain = next((r for r in runs if r.keep_rate == PLAIN_KEEP_RATE), None)
         if plain is not None:  # what the speed would be if it followed the GMACs exactly
-            ideal = [plain.throughput_ips * gmacs[1.0] / gmacs[r.keep_rate] for r in runs]
+            ideal = [plain.throughput_ips * gmacs[PLAIN_KEEP_RATE] / gmacs[r.keep_rate] for r in runs]
             speed.plot(
                 [r.keep_rate for r in runs],
                 ideal,

@@ -13,8 +13,8 @@ import torch
 
 from evit_deploy.errors import UsageError
 from evit_deploy.metadata import ArtifactMetadata
-from evit_deploy.model.checkpoint import build_model, infer_model_name, read_state_dict
-from evit_deploy.model.config import DEFAULT_DROP_LOC, EvitConfig
+from evit_deploy.model.checkpoint import build_model, checkpoint_config
+from evit_deploy.model.config import DEFAULT_DROP_LOC
 from evit_deploy.runtime.backends import Backend, cpu_name
 
 
@@ -54,9 +54,10 @@ class TorchBackend(Backend):
         self.dtype = torch.float16 if (fp16 is not False and self.device.type == "cuda") else torch.float32
         if threads:
             torch.set_num_threads(threads)
-        state = read_state_dict(path) if path is not None else None
-        model = model or (infer_model_name(state, path) if state is not None else "deit_small_patch16_224")
-        config = EvitConfig(model, keep_rate, tuple(drop_loc), fuse_token, img_size)
+        config, state = checkpoint_config(
+            path, model, keep_rate=keep_rate, drop_loc=tuple(drop_loc), fuse_token=fuse_token,
+            img_size=img_size,
+        )
         net = build_model(config, path, state=state)
         self.model = net.to(self.device, self.dtype)
         self.metadata = ArtifactMetadata.from_model(net)

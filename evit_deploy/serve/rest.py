@@ -67,8 +67,24 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             return to_rgb(image)
     except RequestError:
         raise
+    except Image.UnidentifiedImageError:  # its message names the BytesIO object, an address
+        raise RequestError(
+            400, f"cannot decode image: not a {', '.join(IMAGE_FORMATS)} image"
+        ) from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on corrupt data
         raise RequestError(400, f"cannot decode image: {exc}") from None
+
+
+def _cancel_pending(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is still running on a stopped loop (aiohttp's keep-alive connection handlers)
+    and let it finish, so closing the loop does not garbage-collect pending tasks, which asyncio
+    reports as 'Task was destroyed but it is pending!'."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
 
 
 class RestFront:
@@ -155,6 +171,7 @@ class RestFront:
         try:
             loop.run_forever()
         finally:
+            _cancel_pending(loop)
             loop.close()
 
     async def _startup(self) -> None:

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from evit_deploy.doctor import SERVE_INSTALL
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.runtime import Predictor
 from evit_deploy.runtime.backends import backend_for
 from evit_deploy.serve.metrics import ServeMetrics
 
-INSTALL_HINT = "pip install 'evit-deploy[serve]'"
 
 
 @dataclass
@@ -152,12 +152,14 @@ def _require_pytriton() -> None:
         import pytriton  # noqa: F401
     except ImportError:
         raise EvitDeployError(
-            f"serving needs PyTriton (NVIDIA's Triton Inference Server for Python): {INSTALL_HINT}"
+            f"serving needs PyTriton (NVIDIA's Triton Inference Server for Python): {SERVE_INSTALL}"
         ) from None
 
 
 class EvitServer:
-    """Start with `start()` (or `with EvitServer(...) as server:`), stop with `stop()`."""
+    """Start with `start()` (or `with EvitServer(...) as server:`), stop with `stop()`.
+
+    settings: a checkpoint's EViT settings (model, keep_rate, ...), as for Predictor."""
 
     def __init__(
         self,
@@ -166,12 +168,14 @@ class EvitServer:
         backend: str = "auto",
         device: str | None = None,
         backend_options: dict | None = None,  # e.g. precision for openvino
+        **settings,
     ):
         self.artifact = Path(artifact)
         self.backend_options = dict(backend_options or {})
         self.options = options or ServeOptions()
         self.backend = backend
         self.device = device
+        self.settings = settings
         self.predictors: list[Predictor] = []
         self.metrics: ServeMetrics | None = None
         self.triton = None
@@ -203,7 +207,8 @@ class EvitServer:
         if opts.workers > 1 and kind in ("onnxruntime", "openvino", "pytorch") and self.device in (None, "cpu"):
             extra["threads"] = max(1, (os.cpu_count() or 1) // opts.workers)
         self.predictors = [
-            Predictor(self.artifact, self.backend, self.device, **extra) for _ in range(opts.workers)
+            Predictor(self.artifact, self.backend, self.device, **extra, **self.settings)
+            for _ in range(opts.workers)
         ]
         limit = self.predictors[0].max_batch
         if limit is not None and limit < self.max_batch:

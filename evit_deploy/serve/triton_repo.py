@@ -130,7 +130,7 @@ class TritonRepoResult:
 def _onnx_spec(path: Path) -> tuple[ArtifactMetadata, list[TensorSpec], list[TensorSpec]]:
     import onnx
 
-    from evit_deploy.export.onnx import read_onnx_metadata
+    from evit_deploy.metadata import read_onnx_metadata
 
     meta = read_onnx_metadata(path)
     model = onnx.load(str(path), load_external_data=False)
@@ -310,7 +310,7 @@ def write_triton_repo(
         (tmp / "config.pbtxt").write_text(spec.to_pbtxt(), encoding="utf-8")
         (tmp / LABELS_FILE).write_text("\n".join(class_names(meta)) + "\n", encoding="utf-8")
         (tmp / METADATA_FILE).write_text(
-            json.dumps({**meta.to_props(), "source": artifact.name}, indent=2) + "\n", encoding="utf-8"
+            json.dumps({**meta.to_dict(), "source": artifact.name}, indent=2) + "\n", encoding="utf-8"
         )
         if platform == "tensorrt_plan":
             from evit_deploy.engines.header import read_engine
