@@ -25,7 +25,6 @@ from evit_deploy.runtime.backends import Backend, backend_for
 from evit_deploy.runtime.bench import bench_artifact, interleaved_latencies, parse_batches
 from evit_deploy.runtime.labels import class_names, imagenet_classes
 from evit_deploy.runtime.onnxruntime_backend import choose_providers
-from evit_deploy.runtime.predictor import Predictor as PredictorClass
 
 TINY = EvitConfig("deit_tiny_patch16_224", 0.7)
 
@@ -119,32 +118,115 @@ def test_chunking_splits_large_inputs(artifacts, images):
     assert np.allclose(chunked, whole, atol=1e-5 * np.abs(whole).max())
 
 
-class RecordingBackend(Backend):
-    """A fake backend with a fixed batch range that records the batch sizes it gets."""
+class FakeBackend(Backend):
+    """A backend with a fixed batch range whose logits name their input (each image's mean, in
+    every class). It records the batches it gets. Not thread-safe, like a TensorRT context: a call
+    that starts while another runs is counted in `overlaps`; each call stays in for up to
+    `hold_s`, or until another call comes in, so that an unserialised caller would overlap."""
 
     name = "fake"
 
-    def __init__(self, min_batch: int, max_batch: int):
+    def __init__(self, min_batch: int = 1, max_batch: int | None = None, hold_s: float = 0.0):
         self.metadata = ArtifactMetadata.from_config(TINY)
-        self.min_batch, self.max_batch = min_batch, max_batch
+        self.min_batch, self.max_batch, self.hold_s = min_batch, max_batch, hold_s
         self.thread_safe = False
-        self.calls: list[int] = []
+        self.batches: list[np.ndarray] = []
+        self.overlaps = 0
+        self._busy = threading.Lock()
+        self._intruder = threading.Event()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        assert self.min_batch <= len(batch) <= self.max_batch
-        self.calls.append(len(batch))
-        # logits that identify the input: its mean, repeated
-        return np.repeat(batch.mean(axis=(1, 2, 3))[:, None], 1000, axis=1).astype(np.float32)
+        assert self.min_batch <= len(batch) <= (self.max_batch or len(batch)), len(batch)
+        if not self._busy.acquire(blocking=False):
+            self.overlaps += 1
+            self._intruder.set()
+        else:
+            try:
+                self._intruder.wait(self.hold_s)
+            finally:
+                self._busy.release()
+        self.batches.append(batch.copy())
+        return np.repeat(batch.mean(axis=(1, 2, 3))[:, None], 1000, axis=1)
 
 
-def test_partial_batches_are_padded_and_split(images):
-    predictor = PredictorClass.__new__(PredictorClass)
-    backend = RecordingBackend(min_batch=4, max_batch=4)
-    predictor.backend, predictor.metadata, predictor.max_batch = backend, backend.metadata, 4
-    predictor._lock = threading.Lock()
-    out = predictor.logits(images)  # 5 images -> 4 + (1 padded to 4)
-    assert backend.calls == [4, 4]
-    assert np.allclose(out[:, 0], images.mean(axis=(1, 2, 3)), atol=1e-6)
+def image_means(batch: np.ndarray) -> np.ndarray:
+    return batch.astype(np.float64).mean(axis=(1, 2, 3))
+
+
+def test_chunks_follow_the_smaller_of_the_callers_and_the_backends_max_batch(images):
+    more = np.concatenate([images, images[:2]])  # 7 images
+    for backend_max, caller_max, sizes in ((4, None, [4, 3]), (4, 3, [3, 3, 1]), (4, 8, [4, 3]), (None, None, [7])):
+        backend = FakeBackend(max_batch=backend_max)
+        predictor = Predictor(backend, max_batch=caller_max)
+        out = predictor.logits(more)
+        assert [len(b) for b in backend.batches] == sizes
+        assert out.shape == (7, 1000) and np.allclose(out[:, 0], image_means(more), atol=1e-6)
+
+
+def test_chunks_below_min_batch_are_zero_padded_and_the_padding_dropped(images):
+    backend = FakeBackend(min_batch=4, max_batch=4)
+    out = Predictor(backend).logits(images)  # 5 images -> 4 + (1 padded to 4)
+    assert [len(b) for b in backend.batches] == [4, 4]
+    assert np.array_equal(backend.batches[1][0], images[4]) and not backend.batches[1][1:].any()
+    assert out.shape == (5, 1000) and np.allclose(out[:, 0], image_means(images), atol=1e-6)
+
+
+def test_a_backend_that_is_not_thread_safe_is_never_entered_twice():
+    backend = FakeBackend(max_batch=2, hold_s=0.05)
+    predictor = Predictor(backend)
+    inputs = [np.random.default_rng(i).standard_normal((3, 3, 224, 224), dtype=np.float32) for i in range(6)]
+    results: dict[int, np.ndarray] = {}
+    barrier = threading.Barrier(len(inputs))
+
+    def call(i: int) -> None:
+        barrier.wait(timeout=30)
+        results[i] = predictor.logits(inputs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert backend.overlaps == 0, f"{backend.overlaps} backend calls overlapped"
+    assert sorted(results) == list(range(len(inputs)))
+    for i, x in enumerate(inputs):
+        assert np.allclose(results[i][:, 0], image_means(x), atol=1e-6)
+
+
+class MeetingBackend(FakeBackend):
+    """Thread-safe; each call returns only once `parties` calls are inside together."""
+
+    def __init__(self, parties: int):
+        super().__init__()
+        self.thread_safe = True
+        self._meeting = threading.Barrier(parties, timeout=20)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self._meeting.wait()  # BrokenBarrierError if the calls were serialised
+        return np.zeros((len(batch), 1000), np.float32)
+
+
+def test_a_thread_safe_backend_is_called_concurrently(images):
+    predictor = Predictor(MeetingBackend(parties=2))
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            predictor.logits(images[:1])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+
+
+def test_a_loaded_backend_takes_no_loading_options():
+    with pytest.raises(UsageError, match="no backend, device or options"):
+        Predictor(FakeBackend(), device="cpu")
 
 
 def test_concurrent_callers_get_their_own_results(artifacts):

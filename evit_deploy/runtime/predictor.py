@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evit_deploy.errors import EvitDeployError
+from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.preprocess import preprocess
 from evit_deploy.runtime.backends import Backend, load_backend
 from evit_deploy.runtime.labels import class_names
@@ -37,17 +37,23 @@ class Predictor:
 
     Settings (input size, normalisation, classes) come from the artifact's metadata; for a
     PyTorch checkpoint, EViT settings are keyword options (model, keep_rate, drop_loc, ...).
+    `path` may also be a Backend already loaded (a custom runtime), used as it is.
     """
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Backend,
         backend: str = "auto",
         device: str | None = None,
         max_batch: int | None = None,
         **options,
     ):
-        self.backend: Backend = load_backend(path, backend, device, **options)
+        if isinstance(path, Backend):
+            if backend != "auto" or device is not None or options:
+                raise UsageError("a loaded Backend takes no backend, device or options")
+            self.backend: Backend = path
+        else:
+            self.backend = load_backend(path, backend, device, **options)
         self.metadata = self.backend.metadata
         limit = self.backend.max_batch
         if max_batch is not None and max_batch <= 0:
