@@ -198,26 +198,59 @@ def connect(srv, timeout: float = 60.0) -> Client:
     return Client(srv.urls["http"], rest_url=srv.urls["rest"], timeout=timeout)
 
 
+class ClientThreads:
+    """`work(i)` in `count` threads released together; results (or exceptions) in order, and the
+    indices of those finished so far in `finished`, in the order they finished."""
+
+    def __init__(self, count: int, work):
+        self.results: list = [None] * count
+        self.finished: list[int] = []
+        self._changed = threading.Condition()
+        barrier = threading.Barrier(count)
+
+        def target(i: int) -> None:
+            try:
+                barrier.wait(timeout=30)
+                self.results[i] = work(i)
+            except BaseException as exc:  # noqa: BLE001 - reported to the test
+                self.results[i] = exc
+            finally:
+                with self._changed:
+                    self.finished.append(i)
+                    self._changed.notify_all()
+
+        self.threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def wait_finished(self, count: int, timeout: float = 60.0) -> list[int]:
+        """Wait until at least `count` have finished (fails after `timeout` seconds); the indices
+        of all finished by then."""
+        with self._changed:
+            done = self._changed.wait_for(lambda: len(self.finished) >= count, timeout)
+            finished = list(self.finished)
+        assert done, f"only {len(finished)} of {len(self.results)} finished: {[self.results[i] for i in finished]}"
+        return finished
+
+    def join(self, timeout: float = 90.0) -> list:
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self.threads), "clients did not finish in time"
+        return self.results
+
+
 def run_clients(count: int, work, timeout: float = 90.0) -> list:
     """`work(i)` in `count` threads released together; results (or exceptions) in order."""
-    results: list = [None] * count
-    barrier = threading.Barrier(count)
+    return ClientThreads(count, work).join(timeout)
 
-    def target(i: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            results[i] = work(i)
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            results[i] = exc
 
-    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll `condition()` until it holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "clients did not finish in time"
-    return results
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 @needs_pytriton
@@ -385,55 +418,68 @@ def test_cli_client_classifies_an_image(server):
 
 @needs_pytriton
 def test_full_queue_answers_503_at_once_and_serving_resumes(artifact):
-    """Queue of 1, one image per batch, and a model slowed to 0.6 s a batch: of 12 simultaneous
-    requests, one runs, one waits, the rest are refused at once by Triton's queue policy. The
-    REST front refuses beyond its own in-flight limit (the same number) the same way."""
+    """Two workers, a queue of 1, one image per batch, and a model held until the test lets it
+    go: of 12 simultaneous requests, two run (one per worker), the queue holds at most one more,
+    and the rest are refused by Triton's queue policy while the model is still held, that is at
+    once. Image uploads beyond the REST front's in-flight limit (the same number as the queue) are
+    refused the same way, with Retry-After."""
     from evit_deploy.serve import EvitServer
 
-    srv = EvitServer(artifact, port_options(max_batch=1, max_delay_ms=0, max_queue=1))
+    srv = EvitServer(artifact, port_options(max_batch=1, max_delay_ms=0, max_queue=1, workers=2))
     srv.start(ready_timeout_s=SERVER_TIMEOUT)
+    release = threading.Event()
+    entered: list[int] = []  # the workers (their Predictor) that have a batch in the model
     try:
-        for predictor in srv.predictors:
+        for worker, predictor in enumerate(srv.predictors):
             original = predictor.logits
 
-            def slow(batch, _original=original):
-                time.sleep(0.6)
+            def held(batch, _original=original, _worker=worker):
+                entered.append(_worker)
+                assert release.wait(SERVER_TIMEOUT)
                 return _original(batch)
 
-            predictor.logits = slow  # instance attribute: this server only
+            predictor.logits = held  # instance attribute: this server only
         x = np.zeros((1, 3, 224, 224), np.float32)
 
         def work(i: int):
-            start = time.perf_counter()
             with connect(srv) as client:
                 try:
                     client.logits(x)
-                    return 200, time.perf_counter() - start, ""
+                    return 200, ""
                 except ServerError as exc:
-                    return exc.status, time.perf_counter() - start, exc.message
+                    return exc.status, exc.message
 
-        results = run_clients(12, work)
-        statuses = [r[0] for r in results]
-        assert statuses.count(503) >= 6, results
-        assert set(statuses) <= {200, 503}, results
-        assert all("queue" in r[2] for r in results if r[0] == 503)
-        assert max(r[1] for r in results if r[0] == 503) < 0.45, "503s were not immediate"
+        clients = ClientThreads(12, work)
+        clients.wait_finished(12 - 3)  # 2 running + 1 queued cannot finish before the release
+        wait_until(lambda: sorted(set(entered)) == [0, 1], "both workers to have a batch in the model")
+        early = clients.wait_finished(12 - 3)
+        release.set()
+        results = clients.join()
+        assert all(results[i][0] == 503 and "queue" in results[i][1] for i in early), results
+        assert all(results[i][0] == 200 for i in range(12) if i not in early), results
+
+        release.clear()
+        jpeg = SAMPLE_IMAGE.read_bytes()
 
         def upload(i: int):
             with connect(srv) as client:
-                try:
-                    client.predict_image(SAMPLE_IMAGE)
-                    return 200
-                except ServerError as exc:
-                    return exc.status
+                status, headers, body = client.request(
+                    "POST", "/v1/models/evit/predict", jpeg, {"Content-Type": "image/jpeg"}, rest=True
+                )
+                return status, headers.get("retry-after"), body
 
-        uploads = run_clients(8, upload)
-        assert uploads.count(503) >= 4 and set(uploads) <= {200, 503}, uploads
+        uploads = ClientThreads(8, upload)
+        early = uploads.wait_finished(8 - 1)  # one upload in flight, held in the model
+        release.set()
+        results = uploads.join()
+        assert all(results[i][:2] == (503, "1") and b"busy" in results[i][2] for i in early), results
+        assert sorted(r[0] for r in results) == [200] + [503] * 7, results
         # the overload is over: the next requests are served
         with connect(srv) as client:
             assert client.logits(x).shape == (1, 1000)
             assert client.predict_image(SAMPLE_IMAGE)["class_ids"]
     finally:
+        release.set()
         srv.stop()
 
 
@@ -452,7 +498,8 @@ def _rest_ready(client: Client) -> bool:
 def test_cli_serve_finishes_in_flight_requests_on_sigterm(artifact, predictor):
     """Requests wait in Triton's batcher (max delay 3 s) when SIGTERM arrives: the tensor
     requests and an image upload through the REST front are all answered, correctly, and the
-    process exits 0."""
+    process exits 0. SIGTERM is sent once Triton's metrics count all four as pending; the upload
+    goes first (it takes longest to arrive), so the batcher's clock starts as late as it can."""
     http, grpc, metrics, rest = free_ports(4)
     proc = subprocess.Popen(
         [sys.executable, "-m", "evit_deploy", "serve", str(artifact), "--port", str(http),
@@ -467,6 +514,13 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(artifact, predictor):
             while not probe.ready() or not _rest_ready(probe):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=30)
                 time.sleep(0.2)
+
+        def pending() -> int:
+            with Client(f"http://127.0.0.1:{metrics}", timeout=5) as scrape:
+                text = scrape.request("GET", "/metrics")[2].decode()
+            line = next(x for x in text.splitlines() if x.startswith('nv_inference_pending_request_count{model="evit"'))
+            return int(float(line.split()[-1]))
+
         inputs = np.random.default_rng(5).standard_normal((3, 2, 3, 224, 224), dtype=np.float32)
         clients = [Client(url, rest_url=rest_url, timeout=60) for _ in range(4)]
         for client in clients[:3]:  # connect first, so the requests below are sent at once
@@ -486,9 +540,11 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(artifact, predictor):
                 clients[i].close()
 
         threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(4)]
-        for thread in threads:
+        threads[3].start()
+        wait_until(lambda: pending() == 1, "the upload to wait in Triton's batcher")
+        for thread in threads[:3]:
             thread.start()
-        time.sleep(1.0)  # sent, and waiting in the batcher for up to 3 s
+        wait_until(lambda: pending() == 4, "all four requests to wait in Triton's batcher")
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for thread in threads:
