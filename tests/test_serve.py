@@ -406,14 +406,17 @@ def test_cli_loadtest_reports_zero_errors_and_mismatches(server, artifact, tmp_p
 
 
 @needs_pytriton
-def test_cli_client_classifies_an_image(server):
+def test_cli_client_classifies_an_image(server, predictor):
     proc = run_cli(
         "client", SAMPLE_IMAGE, "--url", server.urls["http"], "--rest-url", server.urls["rest"],
         "--json", "--topk", "2", timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)[0]
-    assert len(result["class_ids"]) == 2 and result["image"] == str(SAMPLE_IMAGE)
+    (result,) = json.loads(proc.stdout)
+    (want,) = predictor.predict(SAMPLE_IMAGE, topk=2)
+    assert result["image"] == str(SAMPLE_IMAGE)
+    assert (result["class_ids"], result["labels"]) == (want.class_ids, want.labels), result
+    assert np.allclose(result["probs"], want.probs, rtol=1e-4, atol=1e-6), (result["probs"], want.probs)
 
 
 @needs_pytriton
