@@ -13,10 +13,12 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -305,11 +307,14 @@ def test_health_and_model_metadata_on_the_triton_protocol(server):
 
 @needs_pytriton
 def test_image_upload_matches_predictor(server, predictor, tmp_path):
-    png = tmp_path / "sample.png"
+    """JPEG, PNG, WebP and BMP, as the REST front promises."""
+    encoded = [SAMPLE_IMAGE]
     with Image.open(SAMPLE_IMAGE) as image:
-        image.convert("RGB").save(png)
+        for fmt in ("png", "webp", "bmp"):
+            encoded.append(tmp_path / f"sample.{fmt}")
+            image.convert("RGB").save(encoded[-1])
     with connect(server) as client:
-        for path in (SAMPLE_IMAGE, png):
+        for path in encoded:
             got = client.predict_image(path, topk=3, logits=True)
             want = predictor.logits(preprocess([str(path)]))
             assert logits_match(np.asarray([got["logits"]], np.float32), want)
@@ -327,6 +332,17 @@ def test_image_upload_matches_predictor(server, predictor, tmp_path):
         )
     assert status == 200, data
     assert json.loads(data)["class_ids"] == predictor.classify(predictor.logits(preprocess([SAMPLE_IMAGE])), 2)[0].class_ids
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares `width` x `height` pixels (it holds almost none)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _jpeg_bytes(size=(64, 48)) -> bytes:
@@ -359,6 +375,9 @@ def test_bad_input_gets_4xx_with_a_message_and_the_server_keeps_serving(server, 
         big = b"\xff" * (int(server.options.max_body_mb * 2**20) + 1)
         status, _, data = client.request("POST", "/v1/models/evit/predict", big, {"Content-Type": "image/jpeg"}, rest=True)
         assert status == 413 and b"limit" in data
+        # an image over 40 megapixels is refused from its header, before it is decoded
+        status, _, data = client.request("POST", "/v1/models/evit/predict", _png_declaring(8000, 5001), rest=True)
+        assert status == 413 and b"8000x5001 pixels; the limit is 40000000" in data, data
         status, _, data = client.request("POST", "/v1/models/evit/predict?topk=abc", jpeg, rest=True)
         assert status == 400 and b"topk" in data
         status, _, data = client.request("POST", "/v1/models/other/predict", jpeg, rest=True)
@@ -417,6 +436,44 @@ def test_cli_client_classifies_an_image(server, predictor):
     assert result["image"] == str(SAMPLE_IMAGE)
     assert (result["class_ids"], result["labels"]) == (want.class_ids, want.labels), result
     assert np.allclose(result["probs"], want.probs, rtol=1e-4, atol=1e-6), (result["probs"], want.probs)
+
+
+@needs_pytriton
+def test_cli_loadtest_exits_1_on_wrong_answers(server, artifact, tmp_path):
+    """Answers checked against an artifact whose logits differ (one class bias moved by 10)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(artifact))
+    (bias,) = [init for init in model.graph.initializer if init.name == "head.bias"]
+    values = numpy_helper.to_array(bias).copy()
+    values[0] += 10.0
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    other = tmp_path / "other.onnx"
+    onnx.save(model, str(other))
+    out = tmp_path / "load.json"
+    proc = run_cli(
+        "loadtest", server.urls["http"], "--concurrency", "2", "--requests", "4",
+        "--artifact", other, "--json", out, "--max-seconds", "120", timeout=180,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert (result["errors"], result["mismatches"], result["checked"]) == (0, 4, 4), result
+
+
+@needs_pytriton
+def test_grpc_port_serves_stock_tritonclient(server, predictor):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    batch = np.random.default_rng(11).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    client = grpcclient.InferenceServerClient(server.urls["grpc"])
+    try:
+        assert client.is_model_ready("evit")
+        images = grpcclient.InferInput("images", list(batch.shape), "FP32")
+        images.set_data_from_numpy(batch)
+        result = client.infer("evit", [images], outputs=[grpcclient.InferRequestedOutput("logits")])
+    finally:
+        client.close()
+    assert logits_match(result.as_numpy("logits"), predictor.logits(batch))
 
 
 @needs_pytriton
