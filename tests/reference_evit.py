@@ -1,10 +1,12 @@
 """An independent, deliberately plain EViT forward pass for checking evit_deploy.model.vit.
 
-Written literally after the official code (github youweiliang/evit, evit.py and helpers.py) as
-described in EVIT_REFERENCE.md. It takes a timm-keyed state dict and shares no code with
-evit_deploy: explicit softmax attention in every block, the complement of the kept indices
-computed the official way (scatter + sort, `complement_idx`), the fused token as an explicit
-gather-multiply-sum, and the final LayerNorm over all tokens before taking the class token.
+Written literally after the official code (https://github.com/youweiliang/evit, evit.py and
+helpers.py) of Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers
+via Token Reorganizations", ICLR 2022 (https://arxiv.org/abs/2202.07800). It takes a timm-keyed
+state dict and shares no code with evit_deploy: explicit softmax attention in every block, the
+complement of the kept indices computed the official way (scatter + sort, `complement_idx`), the
+fused token as an explicit gather-multiply-sum, and the final LayerNorm over all tokens before
+taking the class token.
 """
 
 from __future__ import annotations

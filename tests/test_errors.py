@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shlex
@@ -143,7 +144,7 @@ CASES = [
          "error: cannot decode image cut.tif: cannot identify image file 'cut.tif'"),
     Case("image-huge", "image declaring 100000 x 100000 pixels", ("predict", "tiny.onnx", "huge.png"), 1,
          "error: image huge.png is over the 64,000,000-pixel limit; downscale it"),
-    Case("image-modes", "grayscale, RGBA and 16-bit PNGs (converted to RGB)", ("predict", "tiny.onnx", "gray.png", "rgba.png", "gray16.png"), 0,
+    Case("image-modes", "grayscale, RGBA and 16-bit PNGs (converted to RGB)", ("predict", "tiny.onnx", "gray.png", "rgba.png", "gray16.png", "--json"), 0,
          ""),
     Case("eval-corrupt-image", "a corrupt image in an eval folder", ("eval", "tiny.pth", "broken-data"), 1,
          "error: cannot decode image broken-data/n01440764/corrupt.jpg: …"),
@@ -239,6 +240,18 @@ def _tiff_with_bad_samples_per_pixel() -> bytes:
     return bytes(data)
 
 
+def _half_transparent() -> np.ndarray:
+    """RGBA: green on the left, fully transparent on the right (white, once composited)."""
+    rgba = np.zeros((60, 90, 4), np.uint8)
+    rgba[:, :, :3] = (10, 200, 30)
+    rgba[:, :45, 3] = 255
+    return rgba
+
+
+def _gray16() -> np.ndarray:
+    return (np.arange(90 * 60).reshape(60, 90) * 12).astype(np.uint16)
+
+
 def _edit_metadata(source: onnx.ModelProto, path: Path, **values: str) -> None:
     model = onnx.ModelProto()
     model.CopyFrom(source)
@@ -290,8 +303,8 @@ def fixture_files(tmp_path_factory, onnx_export) -> Path:
     (folder / "cut.tif").write_bytes((folder / "bad.tif").read_bytes()[:8])  # PIL warns, then fails
     (folder / "huge.png").write_bytes(_png_declaring(100_000, 100_000))
     Image.new("L", (90, 60), 128).save(folder / "gray.png")
-    Image.new("RGBA", (90, 60), (10, 200, 30, 100)).save(folder / "rgba.png")
-    Image.fromarray((np.arange(90 * 60).reshape(60, 90) * 12).astype(np.uint16)).save(folder / "gray16.png")
+    Image.fromarray(_half_transparent()).save(folder / "rgba.png")
+    Image.fromarray(_gray16()).save(folder / "gray16.png")
     (folder / "data" / "n01440764").mkdir(parents=True)
     shutil.copyfile(folder / "photo.jpg", folder / "data" / "n01440764" / "photo.jpg")
     (folder / "broken-data" / "n01440764").mkdir(parents=True)
@@ -447,6 +460,21 @@ def test_api_case(case: ApiCase, tiny_predictor, fixture_files):
     shown = f"{type(caught.value).__name__}: {caught.value}"
     assert "\n" not in shown
     assert pattern(case.shows).fullmatch(shown), f"{shown!r}\ndoes not match\n{case.shows!r}"
+
+
+def test_image_modes_are_converted_to_rgb_as_documented(outcomes, tiny_predictor):
+    """The image-modes case's predictions are those of the RGB images worked out by hand: gray
+    repeated in each channel, transparency composited on white, 16 bits stretched from their
+    minimum to their maximum."""
+    gray = np.full((60, 90, 3), 128, np.uint8)
+    composited = np.where(_half_transparent()[:, :, 3:] == 255, _half_transparent()[:, :, :3], 255).astype(np.uint8)
+    stretched = np.round(_gray16() / _gray16().max() * 255).astype(np.uint8)  # its minimum is 0
+    expected = tiny_predictor.predict([gray, composited, np.dstack([stretched] * 3)])
+    got = json.loads(outcomes["image-modes"].stdout)
+    assert [g["image"] for g in got] == ["gray.png", "rgba.png", "gray16.png"]
+    for g, want in zip(got, expected):
+        assert g["class_ids"] == want.class_ids, (g["image"], g["class_ids"], want.class_ids)
+        assert np.allclose(g["probs"], want.probs, rtol=1e-4, atol=1e-7), (g["image"], g["probs"], want.probs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,15 +1,15 @@
 """Fuzz the two paths that read untrusted bytes: image decoding and checkpoint loading.
 
 Random bytes, truncations, flipped bytes and inserted junk, derived from valid files of every
-format the paths accept, each pass bounded in cases and seconds. The only exception allowed out
-is EvitDeployError (one clear line); a crash, another exception type or executed code fails.
+format the paths accept: a fixed number of cases from a fixed seed, so every run tries the same
+files however busy the machine. The only exception allowed out is EvitDeployError (one clear
+line); a crash, another exception type or executed code fails.
 """
 
 from __future__ import annotations
 
 import io
 import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,8 +22,7 @@ from evit_deploy.errors import EvitDeployError
 from evit_deploy.model.checkpoint import read_state_dict
 from evit_deploy.preprocess import load_image
 
-MAX_CASES = 3000
-MAX_SECONDS = 3.0
+CASES = 600  # per path: about 2 s each on a busy 2-core machine
 
 
 def image_seeds() -> dict[str, bytes]:
@@ -84,12 +83,10 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return rng.randbytes(rng.randint(0, 512))
 
 
-def fuzz(read: Callable[[Path], object], seeds: dict[str, bytes], folder: Path, seed: int) -> int:
-    """Feed mutated files to `read`; fail on anything but EvitDeployError. Returns the count."""
+def fuzz(read: Callable[[Path], object], seeds: dict[str, bytes], folder: Path, seed: int) -> None:
+    """Feed CASES mutated files to `read`; fail on anything but EvitDeployError."""
     rng = random.Random(seed)
-    deadline = time.monotonic() + MAX_SECONDS
-    cases = 0
-    while cases < MAX_CASES and time.monotonic() < deadline:
+    for _ in range(CASES):
         name = rng.choice(sorted(seeds))
         data = mutate(seeds[name], rng)
         path = folder / f"case{Path(name).suffix or '.' + name}"
@@ -103,8 +100,6 @@ def fuzz(read: Callable[[Path], object], seeds: dict[str, bytes], folder: Path, 
             raise AssertionError(
                 f"{type(exc).__name__} escaped for a mutated {name} (saved as crash-{name}): {exc}"
             ) from exc
-        cases += 1
-    return cases
 
 
 def test_seeds_are_valid(tmp_path):
@@ -117,8 +112,8 @@ def test_seeds_are_valid(tmp_path):
 
 
 def test_image_decoding_fuzz(tmp_path):
-    assert fuzz(load_image, image_seeds(), tmp_path, seed=1) >= 100
+    fuzz(load_image, image_seeds(), tmp_path, seed=1)
 
 
 def test_checkpoint_loading_fuzz(tmp_path):
-    assert fuzz(read_state_dict, checkpoint_seeds(), tmp_path, seed=2) >= 100
+    fuzz(read_state_dict, checkpoint_seeds(), tmp_path, seed=2)

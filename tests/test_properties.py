@@ -19,7 +19,9 @@ import torch
 from conftest import TINY, fresh_model, random_model
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
+from evit_deploy.cli import app
 from evit_deploy.errors import UsageError
 from evit_deploy.export import export_onnx, read_onnx_metadata
 from evit_deploy.export.onnx import MAX_OPSET, MIN_OPSET, check_opset
@@ -145,13 +147,24 @@ def test_export_refuses_a_bad_opset_before_writing(tmp_path):
 )
 @example(keep_rate=0.5, drop_loc=[1, 4, 8], fuse_token=True, img_size=64)
 @example(keep_rate=0.0, drop_loc=[3, 6, 9], fuse_token=True, img_size=64)
+@example(keep_rate=math.nan, drop_loc=[3, 12], fuse_token=False, img_size=40)
 def test_export_validates_or_refuses_cleanly(tmp_path_factory, keep_rate, drop_loc, fuse_token, img_size):
-    """Each example exports deit_tiny (seconds each), so only a few run."""
+    """Each example exports deit_tiny (seconds each), so only a few run. Invalid settings go to
+    the export command, the one entry that takes settings rather than a built model (run in this
+    process: no interpreter start)."""
     folder = tmp_path_factory.mktemp("property-export")
     output = folder / "model.onnx"
-    if invalid_settings(keep_rate, drop_loc, img_size):
-        with pytest.raises(UsageError):
-            EvitConfig(TINY, keep_rate, tuple(drop_loc), fuse_token, img_size)
+    invalid = invalid_settings(keep_rate, drop_loc, img_size)
+    if invalid:
+        result = CliRunner().invoke(app, [
+            "export", "--model", TINY, f"--keep-rate={keep_rate!r}",
+            f"--drop-loc={','.join(map(str, drop_loc))}",
+            "--fuse-token" if fuse_token else "--no-fuse-token", f"--img-size={img_size}",
+            "--output", str(output),
+        ])
+        lines = result.stderr.splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert any(name in lines[0] for name in invalid), lines[0]
         assert list(folder.iterdir()) == []
         return
     config = EvitConfig(TINY, keep_rate, tuple(drop_loc), fuse_token, img_size)

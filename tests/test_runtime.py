@@ -28,7 +28,7 @@ from evit_deploy.runtime.backends import Backend, backend_for
 from evit_deploy.runtime.bench import bench_artifact, interleaved_latencies, parse_batches
 from evit_deploy.runtime.labels import default_class_names, imagenet_classes
 from evit_deploy.runtime.onnxruntime_backend import choose_providers
-from evit_deploy.runtime.predictor import Predictor as PredictorClass
+from reference_evit import reference_forward
 
 TINY = EvitConfig("deit_tiny_patch16_224", 0.7)
 
@@ -71,12 +71,30 @@ def test_pytorch_predictor_matches_onnx_within_tolerance(artifacts, images):
     assert np.array_equal(torch_logits, reference)
 
 
-def test_pytorch_backend_reads_architecture_and_settings(artifacts):
+def checkpoint_reference(artifacts, images: np.ndarray, keep_rate: float, drop_loc: tuple[int, ...]) -> np.ndarray:
+    """Logits of the independent reference EViT (tests/reference_evit.py) on the checkpoint."""
+    state = torch.load(artifacts["pth"], weights_only=True)["model"]
+    result = reference_forward(
+        state, torch.from_numpy(images), num_heads=3, keep_rate=keep_rate, drop_loc=drop_loc, fuse_token=True
+    )  # deit_tiny: 3 heads
+    return result.logits.numpy()
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
+
+
+def test_pytorch_backend_reads_architecture_and_settings(artifacts, images):
     predictor = Predictor(artifacts["pth"], keep_rate=0.5, drop_loc=(2, 5))
     meta = predictor.metadata
     assert (meta.model, meta.keep_rate, meta.drop_loc) == ("deit_tiny_patch16_224", 0.5, [2, 5])
     assert meta.weights.startswith("sha256:") and meta.checkpoint.endswith("tiny.pth")
     assert predictor.backend.describe()["backend"] == "pytorch"
+    # and it runs them: the reference at these settings, not at the defaults
+    got = predictor.logits(images[:2])
+    assert_close(got, checkpoint_reference(artifacts, images[:2], 0.5, (2, 5)))
+    default = checkpoint_reference(artifacts, images[:2], 0.7, (3, 6, 9))
+    assert np.abs(got - default).max() > 1e-2 * np.abs(default).max()
 
 
 def test_metadata_drives_settings(artifacts):
@@ -122,32 +140,115 @@ def test_chunking_splits_large_inputs(artifacts, images):
     assert np.allclose(chunked, whole, atol=1e-5 * np.abs(whole).max())
 
 
-class RecordingBackend(Backend):
-    """A fake backend with a fixed batch range that records the batch sizes it gets."""
+class FakeBackend(Backend):
+    """A backend with a fixed batch range whose logits name their input (each image's mean, in
+    every class). It records the batches it gets. Not thread-safe, like a TensorRT context: a call
+    that starts while another runs is counted in `overlaps`; each call stays in for up to
+    `hold_s`, or until another call comes in, so that an unserialised caller would overlap."""
 
     name = "fake"
 
-    def __init__(self, min_batch: int, max_batch: int):
+    def __init__(self, min_batch: int = 1, max_batch: int | None = None, hold_s: float = 0.0):
         self.metadata = ArtifactMetadata.from_config(TINY)
-        self.min_batch, self.max_batch = min_batch, max_batch
+        self.min_batch, self.max_batch, self.hold_s = min_batch, max_batch, hold_s
         self.thread_safe = False
-        self.calls: list[int] = []
+        self.batches: list[np.ndarray] = []
+        self.overlaps = 0
+        self._busy = threading.Lock()
+        self._intruder = threading.Event()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        assert self.min_batch <= len(batch) <= self.max_batch
-        self.calls.append(len(batch))
-        # logits that identify the input: its mean, repeated
-        return np.repeat(batch.mean(axis=(1, 2, 3))[:, None], 1000, axis=1).astype(np.float32)
+        assert self.min_batch <= len(batch) <= (self.max_batch or len(batch)), len(batch)
+        if not self._busy.acquire(blocking=False):
+            self.overlaps += 1
+            self._intruder.set()
+        else:
+            try:
+                self._intruder.wait(self.hold_s)
+            finally:
+                self._busy.release()
+        self.batches.append(batch.copy())
+        return np.repeat(batch.mean(axis=(1, 2, 3))[:, None], 1000, axis=1)
 
 
-def test_partial_batches_are_padded_and_split(images):
-    predictor = PredictorClass.__new__(PredictorClass)
-    backend = RecordingBackend(min_batch=4, max_batch=4)
-    predictor.backend, predictor.metadata, predictor.max_batch = backend, backend.metadata, 4
-    predictor._lock = threading.Lock()
-    out = predictor.logits(images)  # 5 images -> 4 + (1 padded to 4)
-    assert backend.calls == [4, 4]
-    assert np.allclose(out[:, 0], images.mean(axis=(1, 2, 3)), atol=1e-6)
+def image_means(batch: np.ndarray) -> np.ndarray:
+    return batch.astype(np.float64).mean(axis=(1, 2, 3))
+
+
+def test_chunks_follow_the_smaller_of_the_callers_and_the_backends_max_batch(images):
+    more = np.concatenate([images, images[:2]])  # 7 images
+    for backend_max, caller_max, sizes in ((4, None, [4, 3]), (4, 3, [3, 3, 1]), (4, 8, [4, 3]), (None, None, [7])):
+        backend = FakeBackend(max_batch=backend_max)
+        predictor = Predictor(backend, max_batch=caller_max)
+        out = predictor.logits(more)
+        assert [len(b) for b in backend.batches] == sizes
+        assert out.shape == (7, 1000) and np.allclose(out[:, 0], image_means(more), atol=1e-6)
+
+
+def test_chunks_below_min_batch_are_zero_padded_and_the_padding_dropped(images):
+    backend = FakeBackend(min_batch=4, max_batch=4)
+    out = Predictor(backend).logits(images)  # 5 images -> 4 + (1 padded to 4)
+    assert [len(b) for b in backend.batches] == [4, 4]
+    assert np.array_equal(backend.batches[1][0], images[4]) and not backend.batches[1][1:].any()
+    assert out.shape == (5, 1000) and np.allclose(out[:, 0], image_means(images), atol=1e-6)
+
+
+def test_a_backend_that_is_not_thread_safe_is_never_entered_twice():
+    backend = FakeBackend(max_batch=2, hold_s=0.05)
+    predictor = Predictor(backend)
+    inputs = [np.random.default_rng(i).standard_normal((3, 3, 224, 224), dtype=np.float32) for i in range(6)]
+    results: dict[int, np.ndarray] = {}
+    barrier = threading.Barrier(len(inputs))
+
+    def call(i: int) -> None:
+        barrier.wait(timeout=30)
+        results[i] = predictor.logits(inputs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert backend.overlaps == 0, f"{backend.overlaps} backend calls overlapped"
+    assert sorted(results) == list(range(len(inputs)))
+    for i, x in enumerate(inputs):
+        assert np.allclose(results[i][:, 0], image_means(x), atol=1e-6)
+
+
+class MeetingBackend(FakeBackend):
+    """Thread-safe; each call returns only once `parties` calls are inside together."""
+
+    def __init__(self, parties: int):
+        super().__init__()
+        self.thread_safe = True
+        self._meeting = threading.Barrier(parties, timeout=20)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self._meeting.wait()  # BrokenBarrierError if the calls were serialised
+        return np.zeros((len(batch), 1000), np.float32)
+
+
+def test_a_thread_safe_backend_is_called_concurrently(images):
+    predictor = Predictor(MeetingBackend(parties=2))
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            predictor.logits(images[:1])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+
+
+def test_a_loaded_backend_takes_no_loading_options():
+    with pytest.raises(UsageError, match="no backend, device or options"):
+        Predictor(FakeBackend(), device="cpu")
 
 
 def test_concurrent_callers_get_their_own_results(artifacts):
@@ -237,7 +338,7 @@ def test_parse_batches():
             parse_batches(bad)
 
 
-def test_bench_evit_beside_cached_plain_baseline(artifacts, tmp_path, monkeypatch):
+def test_bench_evit_beside_cached_plain_baseline(artifacts, images, tmp_path, monkeypatch):
     monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(tmp_path / "cache"))
     report = bench_artifact(artifacts["onnx"], [1, 2], iterations=2, warmup=1)
     assert [(r.keep_rate, r.batch) for r in report.runs] == [(0.7, 1), (1.0, 1), (0.7, 2), (1.0, 2)]
@@ -246,10 +347,11 @@ def test_bench_evit_beside_cached_plain_baseline(artifacts, tmp_path, monkeypatc
     assert report.flops_ratio == {0.7: pytest.approx(report.runs[1].gmacs / report.runs[0].gmacs)}
     baselines = list((tmp_path / "cache" / "baselines").glob("*.onnx"))
     assert len(baselines) == 1
-    # the baseline was rebuilt from the same checkpoint: same weights, so at keep 1.0 the
-    # EViT and the baseline agree on what a plain model computes
+    # the baseline was rebuilt from the same checkpoint: it computes what the checkpoint's plain
+    # ViT computes
     plain = Predictor(baselines[0])
-    assert plain.metadata.keep_rate == 1.0 and plain.metadata.weights == Predictor(artifacts["onnx"]).metadata.weights
+    assert plain.metadata.keep_rate == 1.0
+    assert_close(plain.logits(images[:2]), checkpoint_reference(artifacts, images[:2], 1.0, ()))
     stamp = baselines[0].stat().st_mtime_ns
     bench_artifact(artifacts["onnx"], [1], iterations=1, warmup=0)
     assert baselines[0].stat().st_mtime_ns == stamp  # reused, not re-exported

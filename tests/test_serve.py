@@ -13,10 +13,12 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -208,26 +210,59 @@ def connect(srv, timeout: float = 60.0) -> Client:
     return Client(srv.urls["http"], rest_url=srv.urls["rest"], timeout=timeout)
 
 
+class ClientThreads:
+    """`work(i)` in `count` threads released together; results (or exceptions) in order, and the
+    indices of those finished so far in `finished`, in the order they finished."""
+
+    def __init__(self, count: int, work):
+        self.results: list = [None] * count
+        self.finished: list[int] = []
+        self._changed = threading.Condition()
+        barrier = threading.Barrier(count)
+
+        def target(i: int) -> None:
+            try:
+                barrier.wait(timeout=30)
+                self.results[i] = work(i)
+            except BaseException as exc:  # noqa: BLE001 - reported to the test
+                self.results[i] = exc
+            finally:
+                with self._changed:
+                    self.finished.append(i)
+                    self._changed.notify_all()
+
+        self.threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def wait_finished(self, count: int, timeout: float = 60.0) -> list[int]:
+        """Wait until at least `count` have finished (fails after `timeout` seconds); the indices
+        of all finished by then."""
+        with self._changed:
+            done = self._changed.wait_for(lambda: len(self.finished) >= count, timeout)
+            finished = list(self.finished)
+        assert done, f"only {len(finished)} of {len(self.results)} finished: {[self.results[i] for i in finished]}"
+        return finished
+
+    def join(self, timeout: float = 90.0) -> list:
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self.threads), "clients did not finish in time"
+        return self.results
+
+
 def run_clients(count: int, work, timeout: float = 90.0) -> list:
     """`work(i)` in `count` threads released together; results (or exceptions) in order."""
-    results: list = [None] * count
-    barrier = threading.Barrier(count)
+    return ClientThreads(count, work).join(timeout)
 
-    def target(i: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            results[i] = work(i)
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            results[i] = exc
 
-    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll `condition()` until it holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "clients did not finish in time"
-    return results
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 @needs_pytriton
@@ -282,11 +317,14 @@ def test_health_and_model_metadata_on_the_triton_protocol(server):
 
 @needs_pytriton
 def test_image_upload_matches_predictor(server, predictor, tmp_path):
-    png = tmp_path / "sample.png"
+    """JPEG, PNG, WebP and BMP, as the REST front promises."""
+    encoded = [SAMPLE_IMAGE]
     with Image.open(SAMPLE_IMAGE) as image:
-        image.convert("RGB").save(png)
+        for fmt in ("png", "webp", "bmp"):
+            encoded.append(tmp_path / f"sample.{fmt}")
+            image.convert("RGB").save(encoded[-1])
     with connect(server) as client:
-        for path in (SAMPLE_IMAGE, png):
+        for path in encoded:
             got = client.predict_image(path, topk=3, logits=True)
             want = predictor.logits(preprocess([str(path)]))
             assert logits_match(np.asarray([got["logits"]], np.float32), want)
@@ -304,6 +342,17 @@ def test_image_upload_matches_predictor(server, predictor, tmp_path):
         )
     assert status == 200, data
     assert json.loads(data)["class_ids"] == predictor.classify(predictor.logits(preprocess([SAMPLE_IMAGE])), 2)[0].class_ids
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares `width` x `height` pixels (it holds almost none)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _jpeg_bytes(size=(64, 48)) -> bytes:
@@ -336,6 +385,9 @@ def test_bad_input_gets_4xx_with_a_message_and_the_server_keeps_serving(server, 
         big = b"\xff" * (int(server.options.max_body_mb * 2**20) + 1)
         status, _, data = client.request("POST", "/v1/models/evit/predict", big, {"Content-Type": "image/jpeg"}, rest=True)
         assert status == 413 and b"limit" in data
+        # an image over 40 megapixels is refused from its header, before it is decoded
+        status, _, data = client.request("POST", "/v1/models/evit/predict", _png_declaring(8000, 5001), rest=True)
+        assert status == 413 and b"8000x5001 pixels; the limit is 40000000" in data, data
         status, _, data = client.request("POST", "/v1/models/evit/predict?topk=abc", jpeg, rest=True)
         assert status == 400 and b"topk" in data
         status, _, data = client.request("POST", "/v1/models/other/predict", jpeg, rest=True)
@@ -383,67 +435,116 @@ def test_cli_loadtest_reports_zero_errors_and_mismatches(server, artifact, tmp_p
 
 
 @needs_pytriton
-def test_cli_client_classifies_an_image(server):
+def test_cli_client_classifies_an_image(server, predictor):
     proc = run_cli(
         "client", SAMPLE_IMAGE, "--url", server.urls["http"], "--rest-url", server.urls["rest"],
         "--json", "--topk", "2", timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)[0]
-    assert len(result["class_ids"]) == 2 and result["image"] == str(SAMPLE_IMAGE)
+    (result,) = json.loads(proc.stdout)
+    (want,) = predictor.predict(SAMPLE_IMAGE, topk=2)
+    assert result["image"] == str(SAMPLE_IMAGE)
+    assert (result["class_ids"], result["labels"]) == (want.class_ids, want.labels), result
+    assert np.allclose(result["probs"], want.probs, rtol=1e-4, atol=1e-6), (result["probs"], want.probs)
+
+
+@needs_pytriton
+def test_cli_loadtest_exits_1_on_wrong_answers(server, artifact, tmp_path):
+    """Answers checked against an artifact whose logits differ (one class bias moved by 10)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(artifact))
+    (bias,) = [init for init in model.graph.initializer if init.name == "head.bias"]
+    values = numpy_helper.to_array(bias).copy()
+    values[0] += 10.0
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    other = tmp_path / "other.onnx"
+    onnx.save(model, str(other))
+    out = tmp_path / "load.json"
+    proc = run_cli(
+        "loadtest", server.urls["http"], "--concurrency", "2", "--requests", "4",
+        "--artifact", other, "--json", out, "--max-seconds", "120", timeout=180,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert (result["errors"], result["mismatches"], result["checked"]) == (0, 4, 4), result
+
+
+@needs_pytriton
+def test_grpc_port_serves_stock_tritonclient(server, predictor):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    batch = np.random.default_rng(11).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    client = grpcclient.InferenceServerClient(server.urls["grpc"])
+    try:
+        assert client.is_model_ready("evit")
+        images = grpcclient.InferInput("images", list(batch.shape), "FP32")
+        images.set_data_from_numpy(batch)
+        result = client.infer("evit", [images], outputs=[grpcclient.InferRequestedOutput("logits")])
+    finally:
+        client.close()
+    assert logits_match(result.as_numpy("logits"), predictor.logits(batch))
 
 
 @needs_pytriton
 def test_full_queue_answers_503_at_once_and_serving_resumes(artifact):
-    """Queue of 1, one image per batch, and a model slowed to 0.6 s a batch: of 12 simultaneous
-    requests, one runs, one waits, the rest are refused at once by Triton's queue policy. The
-    REST front refuses beyond its own in-flight limit (the same number) the same way."""
+    """Queue of 1, one image per batch, and a model held until the test lets it go: of 12
+    simultaneous requests, one runs, one waits, and the other 10 are refused by Triton's queue
+    policy while the model is still held, that is at once. Image uploads beyond the REST front's
+    in-flight limit (the same number as the queue) are refused the same way, with Retry-After."""
     from evit_deploy.serve import EvitServer
 
     srv = EvitServer(artifact, port_options(max_batch=1, max_delay_ms=0, max_queue=1))
     srv.start(ready_timeout_s=SERVER_TIMEOUT)
+    release = threading.Event()
     try:
         for predictor in srv.predictors:
             original = predictor.logits
 
-            def slow(batch, _original=original):
-                time.sleep(0.6)
+            def held(batch, _original=original):
+                assert release.wait(SERVER_TIMEOUT)
                 return _original(batch)
 
-            predictor.logits = slow  # instance attribute: this server only
+            predictor.logits = held  # instance attribute: this server only
         x = np.zeros((1, 3, 224, 224), np.float32)
 
         def work(i: int):
-            start = time.perf_counter()
             with connect(srv) as client:
                 try:
                     client.logits(x)
-                    return 200, time.perf_counter() - start, ""
+                    return 200, ""
                 except ServerError as exc:
-                    return exc.status, time.perf_counter() - start, exc.message
+                    return exc.status, exc.message
 
-        results = run_clients(12, work)
-        statuses = [r[0] for r in results]
-        assert statuses.count(503) >= 6, results
-        assert set(statuses) <= {200, 503}, results
-        assert all("queue" in r[2] for r in results if r[0] == 503)
-        assert max(r[1] for r in results if r[0] == 503) < 0.45, "503s were not immediate"
+        clients = ClientThreads(12, work)
+        early = clients.wait_finished(12 - 2)  # the running and the queued one wait for the release
+        release.set()
+        results = clients.join()
+        assert all(results[i][0] == 503 and "queue" in results[i][1] for i in early), results
+        assert sorted(r[0] for r in results) == [200] * 2 + [503] * 10, results
+
+        release.clear()
+        jpeg = SAMPLE_IMAGE.read_bytes()
 
         def upload(i: int):
             with connect(srv) as client:
-                try:
-                    client.predict_image(SAMPLE_IMAGE)
-                    return 200
-                except ServerError as exc:
-                    return exc.status
+                status, headers, body = client.request(
+                    "POST", "/v1/models/evit/predict", jpeg, {"Content-Type": "image/jpeg"}, rest=True
+                )
+                return status, headers.get("retry-after"), body
 
-        uploads = run_clients(8, upload)
-        assert uploads.count(503) >= 4 and set(uploads) <= {200, 503}, uploads
+        uploads = ClientThreads(8, upload)
+        early = uploads.wait_finished(8 - 1)  # one upload in flight, held in the model
+        release.set()
+        results = uploads.join()
+        assert all(results[i][:2] == (503, "1") and b"busy" in results[i][2] for i in early), results
+        assert sorted(r[0] for r in results) == [200] + [503] * 7, results
         # the overload is over: the next requests are served
         with connect(srv) as client:
             assert client.logits(x).shape == (1, 1000)
             assert client.predict_image(SAMPLE_IMAGE)["class_ids"]
     finally:
+        release.set()
         srv.stop()
 
 
@@ -462,7 +563,8 @@ def _rest_ready(client: Client) -> bool:
 def test_cli_serve_finishes_in_flight_requests_on_sigterm(artifact, predictor):
     """Requests wait in Triton's batcher (max delay 3 s) when SIGTERM arrives: the tensor
     requests and an image upload through the REST front are all answered, correctly, and the
-    process exits 0."""
+    process exits 0. SIGTERM is sent once Triton's metrics count all four as pending; the upload
+    goes first (it takes longest to arrive), so the batcher's clock starts as late as it can."""
     http, grpc, metrics, rest = free_ports(4)
     proc = subprocess.Popen(
         [sys.executable, "-m", "evit_deploy", "serve", str(artifact), "--port", str(http),
@@ -477,6 +579,13 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(artifact, predictor):
             while not probe.ready() or not _rest_ready(probe):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=30)
                 time.sleep(0.2)
+
+        def pending() -> int:
+            with Client(f"http://127.0.0.1:{metrics}", timeout=5) as scrape:
+                text = scrape.request("GET", "/metrics")[2].decode()
+            line = next(x for x in text.splitlines() if x.startswith('nv_inference_pending_request_count{model="evit"'))
+            return int(float(line.split()[-1]))
+
         inputs = np.random.default_rng(5).standard_normal((3, 2, 3, 224, 224), dtype=np.float32)
         clients = [Client(url, rest_url=rest_url, timeout=60) for _ in range(4)]
         for client in clients[:3]:  # connect first, so the requests below are sent at once
@@ -496,9 +605,11 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(artifact, predictor):
                 clients[i].close()
 
         threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(4)]
-        for thread in threads:
+        threads[3].start()
+        wait_until(lambda: pending() == 1, "the upload to wait in Triton's batcher")
+        for thread in threads[:3]:
             thread.start()
-        time.sleep(1.0)  # sent, and waiting in the batcher for up to 3 s
+        wait_until(lambda: pending() == 4, "all four requests to wait in Triton's batcher")
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for thread in threads:

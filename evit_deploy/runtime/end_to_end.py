@@ -92,7 +92,7 @@ def time_end_to_end(
     and MIN_BATCHES batches. Batches take the files in turn, cycling when they run out."""
     if not images:
         raise EvitDeployError("no image files for --end-to-end")
-    predictors = [Predictor.from_backend(backend) for backend in backends]
+    predictors = [Predictor(backend) for backend in backends]
     workers = preprocess_threads(threads)
     times: list[list[dict[str, float]]] = [[] for _ in backends]
     turns = itertools.count()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evit_deploy.errors import EvitDeployError
+from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.preprocess import preprocess
 from evit_deploy.runtime.backends import Backend, load_backend
 from evit_deploy.runtime.labels import class_names
@@ -37,32 +37,28 @@ class Predictor:
 
     Settings (input size, normalisation, classes) come from the artifact's metadata; for a
     PyTorch checkpoint, EViT settings are keyword options (model, keep_rate, drop_loc, ...).
+    `path` may also be a Backend already loaded (a custom runtime), used as it is.
     """
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Backend,
         backend: str = "auto",
         device: str | None = None,
         max_batch: int | None = None,
         **options,
     ):
-        self._attach(load_backend(path, backend, device, **options), max_batch)
-
-    @classmethod
-    def from_backend(cls, backend: Backend, max_batch: int | None = None) -> "Predictor":
-        """A Predictor around a backend already loaded (bench times both on the same one)."""
-        predictor = cls.__new__(cls)
-        predictor._attach(backend, max_batch)
-        return predictor
-
-    def _attach(self, backend: Backend, max_batch: int | None) -> None:
-        self.backend = backend
-        self.metadata = backend.metadata
+        if isinstance(path, Backend):
+            if backend != "auto" or device is not None or options:
+                raise UsageError("a loaded Backend takes no backend, device or options")
+            self.backend: Backend = path
+        else:
+            self.backend = load_backend(path, backend, device, **options)
+        self.metadata = self.backend.metadata
         if max_batch is not None and max_batch <= 0:
             raise EvitDeployError(f"max_batch must be positive, got {max_batch}")
-        self.max_batch = min(filter(None, (max_batch, backend.max_batch)), default=None)
-        self._lock = contextlib.nullcontext() if backend.thread_safe else threading.Lock()
+        self.max_batch = min(filter(None, (max_batch, self.backend.max_batch)), default=None)
+        self._lock = contextlib.nullcontext() if self.backend.thread_safe else threading.Lock()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
