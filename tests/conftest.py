@@ -37,7 +37,10 @@ SMALL = "deit_small_patch16_224"
 BASE = "deit_base_patch16_224"
 PUBLISHED_DROP_LOC = (3, 6, 9)
 # The top-level keys of bench's JSON, with or without --keep-rates (README, "bench JSON").
-BENCH_JSON_KEYS = {"runs", "variants", "speedup", "flops_ratio", "accuracy", "end_to_end", "end_to_end_speedup"}
+BENCH_JSON_KEYS = {
+    "runs", "variants", "speedup", "flops_ratio", "accuracy", "end_to_end", "end_to_end_speedup", "reference",
+    "reference_speedup",
+}
 
 __all__ = [
     "BASE",

@@ -292,7 +292,7 @@ def test_failed_validation_writes_nothing(tmp_path, monkeypatch, skip_tracing):
     """Validate against other weights: a real mismatch, caught by the real comparison."""
     other = fresh_model(config_for(TINY, 0.7), seed=1)
     monkeypatch.setattr(
-        onnx_export_module, "validate_onnx", lambda _model, data: validate_onnx(other, data)
+        onnx_export_module, "validate_onnx", lambda _model, data, **kwargs: validate_onnx(other, data, **kwargs)
     )
     path = tmp_path / "model.onnx"
     with pytest.raises(EvitDeployError, match="failed validation, nothing written"):
@@ -301,7 +301,7 @@ def test_failed_validation_writes_nothing(tmp_path, monkeypatch, skip_tracing):
 
 
 def test_failed_validation_keeps_the_existing_file(tmp_path, monkeypatch, skip_tracing):
-    def failing(_model, _data):
+    def failing(_model, _data, **_kwargs):
         return ValidationReport([CaseResult("random", 3, 1.0, 1.0, 0.0, 0.0, 0.0, unexplained=3)])
 
     monkeypatch.setattr(onnx_export_module, "validate_onnx", failing)
@@ -367,7 +367,8 @@ def boundary_model(tie: bool):
 
 def nudge_topk(monkeypatch, images: np.ndarray, nudge: np.ndarray) -> None:
     """Validate on `images` only, and add `nudge` to the scores the exported TopK ranks."""
-    monkeypatch.setattr(validate_module, "validation_inputs", lambda _size, _batch=3: {"crafted": images})
+    crafted = [validate_module.InputSet("crafted", images)]
+    monkeypatch.setattr(validate_module, "validation_inputs", lambda *_args, **_kwargs: iter(crafted))
     simplify = onnx_export_module.simplify
 
     def nudged(proto):
@@ -417,13 +418,13 @@ def test_a_kept_token_difference_without_a_tie_fails_the_export(tmp_path, monkey
     nudge_topk(monkeypatch, images, nudge)
     with pytest.raises(EvitDeployError, match="failed validation, nothing written") as info:
         export_onnx(model, tmp_path / "no-tie.onnx")
-    assert "(1 image(s) differ without a near-tie)" in str(info.value)
+    assert "1 image(s) keep other tokens without a near-tie" in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_opset_below_17_is_refused(tmp_path):
-    with pytest.raises(UsageError, match="opset must be >= 17"):
-        export_onnx(random_model(TINY, 0.7), tmp_path / "m.onnx", opset=16)
+def test_opset_below_18_is_refused(tmp_path):
+    with pytest.raises(UsageError, match=r"opset must be >= 18 \(the oldest the torch.export-based exporter writes\)"):
+        export_onnx(random_model(TINY, 0.7), tmp_path / "m.onnx", opset=17)
     assert list(tmp_path.iterdir()) == []
 
 

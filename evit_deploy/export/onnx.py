@@ -5,6 +5,7 @@ One function per step, as in Ultralytics' exporter: export, simplify, check, sta
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import io
@@ -88,7 +89,23 @@ def export_graph(model: EViT, opset: int, with_token_indices: bool) -> onnx.Mode
     version = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if version != opset:
         raise EvitDeployError(f"the exporter wrote opset {version}, not the {opset} asked for")
+    keep_module_scopes(proto, "model" if with_token_indices else "")
     return proto
+
+
+def keep_module_scopes(proto: onnx.ModelProto, wrapper: str) -> None:
+    """Of the node metadata the exporter writes (stack traces with local paths, FX nodes, ...)
+    keep only the module scopes, as the EViT model's own ('blocks.3.attn', not the export
+    wrapper's 'model.blocks.3.attn'): --fp32-layers names modules by them."""
+    for node in proto.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
+        del node.metadata_props[:]
+        if scopes is None:
+            continue
+        if wrapper:
+            names = [s for s in ast.literal_eval(scopes) if s != wrapper]
+            scopes = repr([s.removeprefix(wrapper + ".") for s in names])
+        node.metadata_props.add(key=NAME_SCOPES, value=scopes)
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:

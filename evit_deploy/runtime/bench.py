@@ -96,7 +96,7 @@ class BenchReport:
         def by_rate(ratios: dict[float, dict[int, float]]) -> dict:
             return {rate_key(k): {str(b): s for b, s in by_batch.items()} for k, by_batch in ratios.items()}
 
-        out = {
+        return {
             "runs": [r.to_dict() for r in self.runs],
             "variants": self.variants,
             "speedup": by_rate(self.speedup),
@@ -104,11 +104,9 @@ class BenchReport:
             "accuracy": {rate_key(k): a for k, a in self.accuracy.items()},
             "end_to_end": [e.to_dict() for e in self.end_to_end],
             "end_to_end_speedup": by_rate(self.end_to_end_speedup),
+            "reference": REFERENCE if self.reference_speedup else None,
+            "reference_speedup": by_rate(self.reference_speedup),
         }
-        if self.reference_speedup:
-            out["reference"] = REFERENCE
-            out["reference_speedup"] = by_rate(self.reference_speedup)
-        return out
 
 
 def is_reference_run(run) -> bool:
@@ -254,7 +252,9 @@ def load_baseline(
 
 
 def runs_on_cpu(backend: Backend) -> bool:
-    return backend.name == "openvino" or backend.provider in ("CPUExecutionProvider", "cpu (eager)")
+    """A CPU deployment runtime (ONNX Runtime's CPU provider, OpenVINO): where REFERENCE is
+    timed beside it. PyTorch eager is the reference's source, not a deployment."""
+    return backend.name == "openvino" or backend.provider == "CPUExecutionProvider"
 
 
 def load_reference(primary: Backend, options: dict) -> tuple[Path, Backend]:
