@@ -58,11 +58,12 @@ def main() -> None:
             "passed": report.passed,
             "rows": report.to_dict()["cases"],
         }
-    print("| conversion | inputs | images | max abs logit diff | top-1 agreement | kept tokens identical (per drop block) | accuracy FP32 -> FP16 | gates |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| conversion | inputs | images | max abs logit diff | top-1 agreement | kept tokens identical (per drop block) | kept-token overlap | accuracy FP32 -> FP16 | gates |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for variant, result in results.items():
         for row in result["rows"]:
             kept = " / ".join(f"{v:.1%}" for v in row["kept_identical"])
+            overlap = " / ".join(f"{v:.2%}" for v in row["kept_overlap"])
             accuracy = (
                 f"{row['reference_accuracy']:.2%} -> {row['accuracy']:.2%}"
                 if row["accuracy"] is not None else "-"
@@ -70,7 +71,7 @@ def main() -> None:
             verdict = ("pass" if row["passed"] else "FAIL: " + "; ".join(row["missed"])) if row["gated"] else "reported"
             print(
                 f"| {variant} | {row['name']} | {row['batch']} | {row['max_abs_diff']:.3g} | "
-                f"{row['top1_agreement']:.2%} | {kept} | {accuracy} | {verdict} |"
+                f"{row['top1_agreement']:.2%} | {kept} | {overlap} | {accuracy} | {verdict} |"
             )
     args.output.write_text(json.dumps({"checkpoint": str(args.checkpoint), "keep_rate": args.keep_rate, "results": results}, indent=2))
 

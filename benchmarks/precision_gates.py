@@ -59,6 +59,7 @@ def row(name: str, report, seconds: float, extra: dict | None = None) -> dict:
         "passed": report.passed,
         "top1_agreement": held_out.top1_agreement,
         "kept_identical": list(held_out.kept_identical),
+        "kept_overlap": list(held_out.kept_overlap),
         "reference_accuracy": held_out.reference_accuracy,
         "accuracy": held_out.accuracy,
         "accuracy_drop": held_out.accuracy_drop,
@@ -123,16 +124,17 @@ def fidelity(
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| candidate | top-1 agreement | same kept tokens (drop blocks) | accuracy FP32 -> candidate | gates |",
-        "|---|---|---|---|---|",
+        "| candidate | top-1 agreement | same kept tokens (drop blocks) | kept-token overlap | accuracy FP32 -> candidate | gates |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         kept = " / ".join(f"{k:.1%}" for k in r["kept_identical"])
+        overlap = " / ".join(f"{k:.2%}" for k in r["kept_overlap"])
         accuracy = "-"
         if r["accuracy"] is not None:
             accuracy = f"{r['reference_accuracy']:.1%} -> {r['accuracy']:.1%} ({r['accuracy_drop']:+.2f} pt)"
         gates = "pass" if r["passed"] else "missed: " + "; ".join(r["missed"])
-        lines.append(f"| {r['candidate']} | {r['top1_agreement']:.2%} | {kept} | {accuracy} | {gates} |")
+        lines.append(f"| {r['candidate']} | {r['top1_agreement']:.2%} | {kept} | {overlap} | {accuracy} | {gates} |")
     return "\n".join(lines)
 
 

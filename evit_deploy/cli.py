@@ -239,12 +239,13 @@ def export(
     fp32_islands: str = typer.Option(
         "topk_scores", help="fp16 only: what stays FP32, comma-separated: topk_scores (the class attention TopK ranks), layernorm; or none."
     ),
+    accept_failed_gates: bool = typer.Option(False, help="fp16: write the file even if it misses a precision gate (recorded in its metadata)."),
     as_json: bool = JSON,
     json_out: Optional[Path] = JSON_OUT,
 ) -> None:
     """Export a checkpoint to ONNX (dynamic batch), validated against PyTorch before it is written."""
     from evit_deploy.export import export_onnx
-    from evit_deploy.export.onnx import check_opset
+    from evit_deploy.export.onnx import check_opset, check_precision
     from evit_deploy.export.validate import ValidationFailed
     from evit_deploy.fileio import check_can_write
     from evit_deploy.model.checkpoint import build_model, checkpoint_config
@@ -255,6 +256,7 @@ def export(
         if path is not None:
             check_can_write(path, force)
     islands = () if fp32_islands.strip() == "none" else tuple(p.strip() for p in fp32_islands.split(",") if p.strip())
+    check_precision(precision, islands, validate_dir)
     title = "Validation: ONNX Runtime vs PyTorch" + (f" FP32 ({precision}, FP32 islands: {', '.join(islands) or 'none'})" if precision != "fp32" else "")
     try:
         with err_console.status("loading model") as status:
@@ -271,6 +273,7 @@ def export(
                 validate_dir=validate_dir,
                 precision=precision,
                 fp32_islands=islands,
+                accept_failed_gates=accept_failed_gates,
                 on_step=lambda step: status.update(step),
             )
     except ValidationFailed as failed:
@@ -279,6 +282,12 @@ def export(
     meta = result.metadata
     if not as_json:
         console.print(validation_table(result.report, title))
+        if meta.gates_missed:
+            err_console.print(
+                f"[yellow]warning:[/] written although it missed the gates (--accept-failed-gates): "
+                f"{escape(result.report.failure_summary())}",
+                highlight=False, soft_wrap=True,
+            )
         summary = [
             f"[bold green]exported[/] {escape(str(result.path))} ({result.size_bytes / 2**20:.1f} MiB, opset {result.opset}, {meta.precision}"
             + (f", FP32 islands: {', '.join(meta.fp32_islands) or 'none'})" if meta.precision == "fp16" else ")"),
@@ -340,10 +349,12 @@ def precision_table(report, title: str) -> Table:
         f"same kept tokens at the first drop block >= {gates.min_kept_identical:.0%}"
         + (f", accuracy drop <= {gates.max_accuracy_drop:g} points" if gates.max_accuracy_drop is not None else ""),
     )
-    for column in ("inputs", "batch", "max |diff|", "top-1 agreement", "same kept tokens per drop block", "accuracy", "result"):
+    columns = ("inputs", "batch", "max |diff|", "top-1 agreement", "same kept tokens per drop block", "kept-token overlap", "accuracy", "result")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("inputs", "result") else "right")
     for case in report.cases:
         kept = " / ".join(f"{share:.1%}" for share in case.kept_identical) or "-"
+        overlap = " / ".join(f"{share:.2%}" for share in case.kept_overlap) or "-"
         accuracy = "-"
         if case.accuracy is not None and case.reference_accuracy is not None:
             accuracy = f"{case.reference_accuracy:.1%} -> {case.accuracy:.1%}"
@@ -354,7 +365,7 @@ def precision_table(report, title: str) -> Table:
         else:
             result = "[red]FAIL[/]: " + escape("; ".join(case.missed_gates()))
         table.add_row(
-            case.name, str(case.batch), f"{case.max_abs_diff:.2e}", f"{case.top1_agreement:.1%}", kept, accuracy, result
+            case.name, str(case.batch), f"{case.max_abs_diff:.2e}", f"{case.top1_agreement:.1%}", kept, overlap, accuracy, result
         )
     return table
 

@@ -46,6 +46,7 @@ class ArtifactMetadata:
     precision: str = "fp32"  # the graph's: fp32, or int8 for a quantized file
     quantization: dict = field(default_factory=dict)  # int8: method, calibration set, gates
     fp32_islands: list[str] = field(default_factory=list)  # fp16: the parts kept in FP32
+    gates_missed: list[str] = field(default_factory=list)  # fp16 written with --accept-failed-gates
 
     @classmethod
     def from_model(cls, model, with_token_indices: bool = False) -> "ArtifactMetadata":

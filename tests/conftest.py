@@ -248,3 +248,28 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *fragmen
         assert fragment in lines[0], lines[0]
     return lines[0]
 
+
+def export_torchscript(model, with_token_indices: bool = True):
+    """The older TorchScript exporter (dynamo=False): an ONNX the user brings from elsewhere, with
+    other node names and op patterns, that build-engine must convert just as well."""
+    import io
+
+    import onnx
+    import torch
+
+    from evit_deploy.export.onnx import _WithTokenIndices
+    from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
+
+    meta = ArtifactMetadata.from_config(model.config, with_token_indices=with_token_indices)
+    module = _WithTokenIndices(model) if with_token_indices else model
+    names = [OUTPUT_NAME, *meta.token_index_outputs]
+    size = model.config.img_size
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(), (torch.zeros(2, 3, size, size),), buffer, dynamo=False,
+            opset_version=17, input_names=[INPUT_NAME], output_names=names,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *names]},
+        )
+    return onnx.load_from_string(buffer.getvalue())

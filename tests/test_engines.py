@@ -27,6 +27,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
+from conftest import export_torchscript
+
 from evit_deploy.cli import app
 from evit_deploy.engines import header as header_module
 from evit_deploy.engines import tensorrt as engines_trt
@@ -45,7 +47,7 @@ from evit_deploy.engines.settings import BatchProfile, BuildSettings
 from evit_deploy.engines.support import has_fast_fp16
 from evit_deploy.engines.tensorrt import CudaGpu, default_engine_path, torch_dtype_name
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.onnx import export_graph, stamp_metadata, topk_constant_ks
+from evit_deploy.export.onnx import stamp_metadata, topk_constant_ks
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model import EvitConfig, build_model
 
@@ -74,12 +76,13 @@ def make_header(**changes) -> EngineHeader:
 
 @pytest.fixture(scope="module")
 def traced_onnx(tmp_path_factory) -> Path:
-    """A tiny EViT traced to ONNX with metadata, dynamic batch, constant K (unvalidated and
-    unsimplified: seconds instead of the full export's tens of seconds)."""
+    """A tiny EViT traced to ONNX by the TorchScript exporter, with metadata, dynamic batch,
+    constant K (unvalidated and unsimplified: seconds). An ONNX from elsewhere, as a user may
+    bring one: its readable node names (/blocks.3/attn/Softmax) let these tests name nodes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(CONFIG)
-    proto = export_graph(model, 18, with_token_indices=False)
+    proto = export_torchscript(model, with_token_indices=False)
     assert topk_constant_ks(proto) == METADATA.topk_k
     stamp_metadata(proto, METADATA)
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"

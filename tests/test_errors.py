@@ -79,7 +79,7 @@ CASES = [
     Case("profile-min-above-opt", "engine batch profile with min > opt", ("build-engine", "tiny.onnx", "--min-batch", "8", "--opt-batch", "4"), 2,
          "error: batch profile needs min <= opt <= max, got min 8, opt 4, max 128"),
     Case("backend-unknown", "unknown backend", ("predict", "tiny.onnx", "photo.jpg", "--backend", "onnxrt"), 2,
-         "error: unknown backend 'onnxrt'; choose one of auto, onnxruntime, tensorrt, pytorch"),
+         "error: unknown backend 'onnxrt'; choose one of auto, onnxruntime, openvino, tensorrt, pytorch"),
     Case("device-unknown", "unknown device", ("predict", "tiny.onnx", "photo.jpg", "--device", "gpu0"), 2,
          "error: unknown device 'gpu0'; use cpu, cuda or cuda:N"),
     Case("settings-for-export", "a checkpoint's EViT setting for an exported model", ("predict", "tiny.onnx", "photo.jpg", "--keep-rate", "0.5"), 2,

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY, config_for, fresh_model
+from conftest import TINY, config_for, export_torchscript, fresh_model
 from onnx import TensorProto, helper, numpy_helper
 
 from evit_deploy.errors import EvitDeployError, UsageError
@@ -35,23 +35,6 @@ from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 CONFIG = config_for(TINY, keep_rate=0.7, img_size=96)  # 36 patches: 3 drops, seconds to export
 SCORE_PATH = ["MatMul", "Mul", "Softmax", "Gather", "Slice", "ReduceMean", "TopK"]
-
-
-def export_torchscript(model) -> onnx.ModelProto:
-    """The older TorchScript exporter (dynamo=False): an ONNX the user brings from elsewhere, with
-    other node names and op patterns, that build-engine must convert just as well."""
-    meta = ArtifactMetadata.from_config(model.config, with_token_indices=True)
-    names = [OUTPUT_NAME, *meta.token_index_outputs]
-    size = model.config.img_size
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _WithTokenIndices(model).eval(), (torch.zeros(2, 3, size, size),), buffer, dynamo=False,
-            opset_version=17, input_names=[INPUT_NAME], output_names=names,
-            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *names]},
-        )
-    return onnx.load_from_string(buffer.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -329,3 +312,55 @@ def test_the_onnxruntime_backend_takes_the_fp16_onnx_as_it_is(graphs, images, tm
     logits = backend.run(images)
     assert logits.dtype == np.float32
     np.testing.assert_allclose(logits, run(proto, images)[0], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# export --precision fp16
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    from evit_deploy.data.shapes import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("held") / "shapes", 16, seed=3, img_size=96)
+
+
+@pytest.mark.parametrize("gate", ["passed", "missed", "missed-accepted"])
+def test_fp16_export_is_gated_on_held_out_images(model, held_out, tmp_path, monkeypatch, gate):
+    """The FP16 file is written only when the FP16 gates pass on --validate-dir, or with
+    accept_failed_gates, which its metadata records; the gates are made to pass or miss here."""
+    import evit_deploy.export.onnx as onnx_export_module
+    from evit_deploy.export import export_onnx
+    from evit_deploy.export.validate import Gates, ValidationFailed
+    from evit_deploy.metadata import read_onnx_metadata
+
+    strictness = 0.0 if gate == "passed" else 1.01  # 101% top-1 agreement: never met
+    monkeypatch.setitem(onnx_export_module.GATES, "fp16", Gates("fp16", strictness, 0.0))
+    path = tmp_path / "m.fp16.onnx"
+    export = lambda: export_onnx(  # noqa: E731
+        model, path, precision="fp16", validate_dir=held_out, accept_failed_gates=gate == "missed-accepted"
+    )
+    if gate == "missed":
+        with pytest.raises(ValidationFailed, match=r"fp16 export failed validation, nothing written \(--accept-failed-gates"):
+            export()
+        assert list(tmp_path.iterdir()) == []
+        return
+    result = export()
+    meta = read_onnx_metadata(path)
+    assert meta.precision == "fp16" and meta.fp32_islands == ["topk_scores"] and model_precision(onnx.load(str(path))) == "fp16"
+    held = result.report.cases[-1]
+    assert held.name.startswith("shapes/") and held.batch == 16 and len(held.kept_overlap) == 3
+    assert all(0.0 <= v <= 1.0 for v in held.kept_overlap)
+    if gate == "passed":
+        assert result.report.passed and meta.gates_missed == []
+    else:
+        assert not result.report.passed and meta.gates_missed
+        assert all("top-1 agreement" in m for m in meta.gates_missed)
+
+
+def test_fp16_export_needs_held_out_images(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    proc = run_cli("export", "--model", TINY, "--img-size", "96", "--precision", "fp16", "-o", str(tmp_path / "m.onnx"))
+    assert_one_line_error(proc, 2, "fp16 is judged on held-out images: pass --validate-dir DIR")
+    assert list(tmp_path.iterdir()) == []

@@ -167,6 +167,22 @@ def stamp_metadata(model: onnx.ModelProto, metadata: ArtifactMetadata) -> None:
     model.producer_version = metadata.evit_deploy_version
 
 
+def check_precision(precision: str, fp32_islands: Sequence[str], validate_dir: str | Path | None) -> None:
+    """Refuse a precision, island or held-out folder that cannot work, before any model is built."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    unknown = sorted(set(fp32_islands) - set(ISLANDS))
+    if unknown:
+        raise UsageError(f"unknown FP32 island(s) {', '.join(unknown)}; choose from {', '.join(ISLANDS)}")
+    if precision != "fp32" and validate_dir is None:
+        raise UsageError(
+            f"{precision} is judged on held-out images: pass --validate-dir DIR (images the model "
+            "was not trained on, in class folders to measure accuracy)"
+        )
+    if validate_dir is not None:
+        find_images(validate_dir)  # a missing or empty folder fails now, not after tracing
+
+
 def check_opset(opset: int) -> None:
     """Refuse an opset the exporter or TensorRT cannot use, before any model is built."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -186,30 +202,22 @@ def export_onnx(
     validate_dir: str | Path | None = None,
     precision: str = "fp32",
     fp32_islands: Sequence[str] = DEFAULT_ISLANDS,
+    accept_failed_gates: bool = False,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> ExportResult:
     """Export, validate against `model` (also on the images under validate_dir, if given) and only
     then write `output` atomically.
 
     precision "fp16": FP16 weights and compute with `fp32_islands` kept in FP32 (precision.py),
-    float32 input and logits; judged by the FP16 gates on validate_dir, which it then needs.
+    float32 input and logits; judged by the FP16 gates on validate_dir, which it then needs. A
+    reduced precision that misses a gate is written only with `accept_failed_gates`, and its
+    metadata lists the gates it missed.
     A file that fails validation is never written, so a path that exists is always a checked
     export.
     """
     check_opset(opset)
     output = check_can_write(output, force)
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
-    unknown = sorted(set(fp32_islands) - set(ISLANDS))
-    if unknown:
-        raise UsageError(f"unknown FP32 island(s) {', '.join(unknown)}; choose from {', '.join(ISLANDS)}")
-    if precision != "fp32" and validate_dir is None:
-        raise UsageError(
-            f"{precision} is judged on held-out images: pass --validate-dir DIR (images the model "
-            "was not trained on, in class folders to measure accuracy)"
-        )
-    if validate_dir is not None:
-        find_images(validate_dir)  # a missing or empty folder fails now, not after tracing
+    check_precision(precision, fp32_islands, validate_dir)
     model = model.eval()
     on_step("exporting")
     proto = export_graph(model, opset, with_token_indices)
@@ -228,11 +236,17 @@ def export_onnx(
     data = proto.SerializeToString()
     on_step("validating")
     report = validate_onnx(model, data, validate_dir=validate_dir, gates=GATES.get(precision))
-    if not report.passed:
+    if not report.passed and not (accept_failed_gates and precision != "fp32"):
+        hint = " (--accept-failed-gates writes it anyway, recorded in its metadata)" if precision != "fp32" else ""
         raise ValidationFailed(
-            f"{precision} export failed validation, nothing written: {report.failure_summary()}",
+            f"{precision} export failed validation, nothing written{hint}: {report.failure_summary()}",
             report,
         )
+    if not report.passed:
+        missed = [f"{c.name}: {m}" for c in report.cases for m in c.missed_gates()]
+        metadata = dataclasses.replace(metadata, gates_missed=missed)
+        stamp_metadata(proto, metadata)
+        data = proto.SerializeToString()
     on_step("writing")
     write_bytes_atomic(output, data, force)
     return ExportResult(output, metadata, report, len(data), opset)

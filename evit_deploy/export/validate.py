@@ -87,6 +87,7 @@ class CaseResult:
     unexplained: int = 0  # images whose kept tokens differ without a near-tie
     compared: int = -1  # images in the logit comparison (all but excused near-ties); -1: batch
     kept_identical: tuple[float, ...] = ()  # per drop block: images keeping the same patches
+    kept_overlap: tuple[float, ...] = ()  # per drop block: mean share of its kept patches also kept
     accuracy: float | None = None  # the candidate's top-1 where the images' classes are known
     reference_accuracy: float | None = None
     gates: Gates | None = None  # None: FP32
@@ -180,6 +181,7 @@ class ValidationReport:
                 {
                     **{k: v for k, v in c.__dict__.items() if k != "gates"},
                     "kept_identical": list(c.kept_identical),
+                    "kept_overlap": list(c.kept_overlap),
                     "tolerance": c.tolerance,
                     "accuracy_drop": c.accuracy_drop,
                     "passed": c.passed,
@@ -217,6 +219,10 @@ def merge_cases(name: str, parts: list[CaseResult]) -> CaseResult:
         kept_identical=tuple(
             mean([p.kept_identical[j] for p in parts], sizes)
             for j in range(len(parts[0].kept_identical))
+        ),
+        kept_overlap=tuple(
+            mean([p.kept_overlap[j] for p in parts], sizes)
+            for j in range(len(parts[0].kept_overlap))
         ),
         accuracy=mean([p.accuracy for p in parts], sizes),
         reference_accuracy=mean([p.reference_accuracy for p in parts], sizes),
@@ -427,11 +433,14 @@ def compare(
     got_ids = kept_patch_ids(got_indices, config.num_patches, config.fuse_token)
     same_set = np.ones((batch, len(ref_ids)), dtype=bool)
     same_order = np.ones_like(same_set)
+    overlap = np.ones(same_set.shape)
     near_tie = np.zeros(batch, dtype=bool)
     for j, (r, g) in enumerate(zip(ref_ids, got_ids)):
         for i in range(batch):
             same_order[i, j] = np.array_equal(ref.indices[j][i], got_indices[j][i])
             same_set[i, j] = np.array_equal(np.sort(r[i]), np.sort(g[i]))
+            if not same_set[i, j]:
+                overlap[i, j] = len(np.intersect1d(r[i], g[i])) / r.shape[1]
             # Only the first differing block can be judged: later ones see other tokens.
             if gates is None and ref.scores is not None and not same_set[i, j] and same_set[i, :j].all():
                 near_tie[i] = is_near_tie(ref.scores[j][i], r.shape[1])
@@ -456,6 +465,7 @@ def compare(
         unexplained=int((differs & ~near_tie).sum()) if gates is None else 0,
         compared=int(compared.sum()),
         kept_identical=tuple(float(v) for v in same_set.mean(axis=0)),
+        kept_overlap=tuple(float(v) for v in overlap.mean(axis=0)),
         accuracy=accuracy,
         reference_accuracy=reference_accuracy,
         gates=gates,
