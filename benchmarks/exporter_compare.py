@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 import torch
 
-from evit_deploy.export.onnx import TRACE_BATCH, export_graph, simplify, topk_constant_ks
+from evit_deploy.export.onnx import TRACE_BATCH, export_graph, simplify, stamp_metadata, topk_constant_ks
+from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.export.validate import validate_onnx
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME
 from evit_deploy.model import EvitConfig, build_model
@@ -71,6 +72,7 @@ def main() -> None:
         slim = simplify(raw)
         total = time.perf_counter() - start
         ks = topk_constant_ks(slim)
+        stamp_metadata(slim, ArtifactMetadata.from_model(model))  # what the ONNX Runtime backend reads
         data = slim.SerializeToString()
         report = validate_onnx(model, data)
         path = folder / f"{len(results)}.onnx"

@@ -129,3 +129,23 @@ def test_missing_matplotlib_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(EvitDeployError, match=r"pip install 'evit-deploy\[plot\]'"):
         check_plotting()
+
+
+def test_sweep_accuracy_reads_folders_named_after_the_models_classes(tmp_path):
+    """The shipped shapes EViT on class-named folders (not alphabetical class ids): its accuracy
+    at each keep rate is what `eval` measures, far above the 0% a wrong folder mapping gives."""
+    from pathlib import Path
+
+    import evit_deploy
+    from evit_deploy.data.shapes import write_dataset
+
+    shipped = Path(evit_deploy.__file__).parent / "assets" / "shapes" / "shapes_evit_tiny.safetensors"
+    data = write_dataset(tmp_path / "held", 16, seed=6)
+    out = tmp_path / "sweep.json"
+    result = runner.invoke(
+        app, ["bench", str(shipped), "--keep-rates", "0.7,1.0", "--batch", "8", *FAST, "--eval-dir", str(data), "--json-out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    accuracy = json.loads(out.read_text())["accuracy"]
+    assert set(accuracy) == {"0.7", "1.0"}
+    assert all(a["images"] == 16 and a["top1"] >= 0.8 for a in accuracy.values()), accuracy

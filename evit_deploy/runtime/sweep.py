@@ -129,11 +129,12 @@ def evaluate_variants(
     from evit_deploy.analysis.evaluate import evaluate, find_samples
     from evit_deploy.runtime.predictor import Predictor
 
-    samples = find_samples(eval_dir, num_classes)
-    accuracy = {}
+    accuracy, samples = {}, None
     for variant in variants:
-        on_step(f"evaluating keep rate {variant.keep_rate:g} on {len(samples)} images")
         predictor = Predictor(variant.artifact, variant.backend, device, **variant.options)
+        if samples is None:  # one set for all: the variants share the weights and class names
+            samples = find_samples(eval_dir, num_classes, class_names=predictor.metadata.classes)
+        on_step(f"evaluating keep rate {variant.keep_rate:g} on {len(samples)} images")
         accuracy[variant.keep_rate] = evaluate(predictor, samples, batch_size).to_dict()
     return accuracy
 
