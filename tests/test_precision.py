@@ -5,19 +5,16 @@ Runtime's CPU provider runs the result with logits close to FP32's."""
 
 from __future__ import annotations
 
-import io
-import warnings
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from conftest import TINY, config_for, export_torchscript, fresh_model
 from onnx import TensorProto, helper, numpy_helper
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.onnx import _WithTokenIndices, export_graph, simplify
+from evit_deploy.export.onnx import export_graph, simplify
 from evit_deploy.export.precision import (
     DEFAULT_ISLANDS,
     convert_all_fp16,
@@ -30,7 +27,7 @@ from evit_deploy.export.precision import (
     model_precision,
     topk_score_nodes,
 )
-from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
+from evit_deploy.metadata import ArtifactMetadata
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 CONFIG = config_for(TINY, keep_rate=0.7, img_size=96)  # 36 patches: 3 drops, seconds to export
