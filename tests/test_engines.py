@@ -668,7 +668,11 @@ def test_unreadable_or_damaged_caches_start_a_new_one(traced_onnx, tmp_path, fak
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_cancels_the_build_and_is_raised_after_it(traced_onnx, tmp_path, fake_build_environment, monkeypatch, signum):
+def test_a_signal_cancels_the_build_and_is_raised_after_it(traced_onnx, tmp_path, fake_build_environment, monkeypatch, signum, request):
+    # As in a terminal: a background job (`make test &` from a script) starts with SIGINT ignored,
+    # and build_engine rightly leaves ignored signals alone.
+    old = signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    request.addfinalizer(lambda: signal.signal(signum, old))
     trt = fake_build_environment()
     monkeypatch.setenv("FAKE_TENSORRT_STEPS", "6")
     trt.step_hooks[1] = lambda: os.kill(os.getpid(), signum)

@@ -450,21 +450,23 @@ def test_cli_client_classifies_an_image(server, predictor):
 
 @needs_pytriton
 def test_cli_loadtest_exits_1_on_wrong_answers(server, artifact, tmp_path):
-    """Answers checked against an artifact whose logits differ (one class bias moved by 10)."""
+    """Answers checked against an artifact whose logits differ (one class's bias moved by 10)."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(artifact))
-    (bias,) = [init for init in model.graph.initializer if init.name == "head.bias"]
-    values = numpy_helper.to_array(bias).copy()
-    values[0] += 10.0
-    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    (head,) = [node for node in model.graph.node if node.op_type == "Gemm"]  # the classifier
+    bias = np.zeros(model.graph.output[0].type.tensor_type.shape.dim[1].dim_value, np.float32)
+    bias[0] = 10.0  # onnxslim drops an all-zero bias, so the head gets a new one
+    model.graph.initializer.append(numpy_helper.from_array(bias, "moved_bias"))
+    del head.input[2:]
+    head.input.append("moved_bias")
     other = tmp_path / "other.onnx"
     onnx.save(model, str(other))
     out = tmp_path / "load.json"
     proc = run_cli(
         "loadtest", server.urls["http"], "--concurrency", "2", "--requests", "4",
-        "--artifact", other, "--json", out, "--max-seconds", "120", timeout=180,
+        "--artifact", other, "--json-out", out, "--max-seconds", "120", timeout=180,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
