@@ -31,7 +31,7 @@ from evit_deploy.engines.support import (
 from evit_deploy.runtime.cpu_features import CpuFeatures, missing_bf16, probe_cpu
 
 PACKAGES = (
-    "torch", "onnx", "onnxruntime", "onnxslim", "safetensors", "tensorrt", "openvino", "numpy", "pillow", "typer", "rich",
+    "torch", "onnx", "onnxscript", "onnxruntime", "onnxslim", "safetensors", "tensorrt", "openvino", "numpy", "pillow", "typer", "rich",
     "nvidia-pytriton", "tritonclient", "aiohttp",  # the serve extra
     "matplotlib",  # the plot extra
 )
@@ -135,7 +135,7 @@ def capabilities(report: DoctorReport) -> tuple[list[Capability], list[Capabilit
     no_torch = None if works["torch"] else "pip install torch"
     no_tensorrt = tensorrt_problem(report.package("tensorrt"))
     no_fast_fp16 = None if gpu is None or gpu.fast_fp16 else f"{gpu.name} has no fast FP16: use --fp32"
-    export_missing = [n for n in ("torch", "onnx", "onnxruntime", "onnxslim") if not works[n]]
+    export_missing = [n for n in ("torch", "onnx", "onnxscript", "onnxruntime", "onnxslim") if not works[n]]
     on_gpu = f" on {gpu.name}" if gpu else ""
     no_openvino = None if works["openvino"] else OPENVINO_INSTALL
     cpu = report.cpu
@@ -169,7 +169,7 @@ def capabilities(report: DoctorReport) -> tuple[list[Capability], list[Capabilit
     actions = [
         capability(
             "export (ONNX)",
-            "trace, simplify (onnxslim), validate (ONNX Runtime)",
+            "torch.export (onnxscript), simplify (onnxslim), validate (ONNX Runtime)",
             f"pip install {' '.join(export_missing)}" if export_missing else None,
         ),
         capability(
