@@ -111,10 +111,11 @@ class BenchReport:
 
 def is_reference_run(run) -> bool:
     """A plain FP32 run on ONNX Runtime's CPU provider: REFERENCE."""
-    return (
-        run.keep_rate == PLAIN_KEEP_RATE and run.backend == "onnxruntime"
-        and run.provider == "CPUExecutionProvider" and run.precision == "fp32"
-    )
+    return run.keep_rate == PLAIN_KEEP_RATE and is_reference_kind(run.backend, run.provider, run.precision)
+
+
+def is_reference_kind(backend: str, provider: str, precision: str) -> bool:
+    return backend == "onnxruntime" and provider == "CPUExecutionProvider" and precision == "fp32"
 
 
 def _over_plain(rows: Sequence, time_of: Callable) -> dict[float, dict[int, float]]:
@@ -320,9 +321,7 @@ def bench_artifact(
         plain_path, plain = load_baseline(primary, path, backend, device, options)
         files.append(plain_path)
         variants.append(plain)
-        if runs_on_cpu(primary) and not (
-            plain.name == "onnxruntime" and plain.provider == "CPUExecutionProvider" and plain.precision == "fp32"
-        ):
+        if runs_on_cpu(primary) and not is_reference_kind(plain.name, plain.provider, plain.precision):
             on_step("loading the reference: plain FP32 on ONNX Runtime")
             reference_path, reference = load_reference(primary, options)
             files.append(reference_path)
