@@ -64,9 +64,10 @@ def test_interrupted_export_keeps_the_previous_file(tmp_path, signum):
         proc.kill()
     lines = [line for line in (first + rest).splitlines() if line.strip()]
     assert proc.returncode == 130, rest
-    assert lines[-1] == INTERRUPTED and "Traceback" not in rest
+    assert lines[-1] == INTERRUPTED and "Traceback" not in rest, rest
     assert previous.read_bytes() == PREVIOUS
-    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    left = [p.name for p in tmp_path.iterdir()]
+    assert left == ["model.onnx"], (left, rest)
 
 
 def start_endless_writer(path: Path) -> subprocess.Popen:
