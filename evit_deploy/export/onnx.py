@@ -21,7 +21,7 @@ import torch
 from onnx import numpy_helper
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.precision import DEFAULT_ISLANDS, ISLANDS, NAME_SCOPES, convert_to_fp16
+from evit_deploy.export.precision import DEFAULT_ISLANDS, ISLANDS, NAME_SCOPES, convert_to_fp16, module_scopes
 from evit_deploy.export.validate import GATES, ValidationFailed, ValidationReport, validate_onnx
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
@@ -98,7 +98,7 @@ def keep_module_scopes(proto: onnx.ModelProto, wrapper: str) -> None:
     keep only the module scopes, as the EViT model's own ('blocks.3.attn', not the export
     wrapper's 'model.blocks.3.attn'): --fp32-layers names modules by them."""
     for node in proto.graph.node:
-        scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
+        scopes = module_scopes(node)
         del node.metadata_props[:]
         if scopes is None:
             continue
@@ -116,12 +116,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     except ImportError:
         warnings.warn("onnxslim is not installed: the graph is exported without simplification")
         return model
-    scopes = {
-        node.name: prop.value
-        for node in model.graph.node
-        for prop in node.metadata_props
-        if prop.key == NAME_SCOPES
-    }
+    scopes = {node.name: found for node in model.graph.node if (found := module_scopes(node)) is not None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         slim = onnxslim.slim(model)

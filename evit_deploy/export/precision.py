@@ -123,8 +123,12 @@ def qualified_name(node: onnx.NodeProto) -> str:
     """The module scopes the torch.export exporter records with a node, then its name
     ('blocks.0/blocks.0.attn/node_Softmax_62'): its generated names alone ('node_Softmax_62')
     say nothing a user could write in --fp32-layers."""
-    scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), "[]")
-    return "/".join([*(s for s in ast.literal_eval(scopes) if s), node.name])
+    return "/".join([*(s for s in ast.literal_eval(module_scopes(node) or "[]") if s), node.name])
+
+
+def module_scopes(node: onnx.NodeProto) -> str | None:
+    """The node's NAME_SCOPES metadata as written (a Python list literal), or None."""
+    return next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
 
 
 def match_names(names: Iterable[str], patterns: Sequence[str]) -> tuple[list[str], list[str]]:
