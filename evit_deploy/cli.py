@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from evit_deploy import __version__
+from evit_deploy import __version__, interrupt
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.model.config import EvitConfig  # plain Python: the defaults the options name
 
@@ -59,40 +58,51 @@ def _root(
 
 def command(*args, group: typer.Typer = app, **kwargs):
     """group.command() (app's by default) that turns errors into one line on stderr and an exit code (no traceback
-    unless --debug): EvitDeployError -> its exit code, Ctrl-C/kill -> 130, a bug -> 1."""
+    unless --debug): EvitDeployError -> its exit code, Ctrl-C/kill -> 130, a bug -> 1. A stop that was
+    requested is 130 whatever the command did next (interrupt.py: libraries can swallow it)."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*fn_args, **fn_kwargs):
             try:
-                return _memory_error_as_user_error(fn, *fn_args, **fn_kwargs)
-            except typer.Exit:
-                raise
-            except BrokenPipeError:
-                # The client converts its socket errors, so a closed pipe here is stdout's.
-                raise typer.Exit(_closed_stdout()) from None
-            except KeyboardInterrupt:
-                err_console.print("interrupted: no partial output was left behind")
-                raise typer.Exit(130) from None
-            except EvitDeployError as exc:
-                if _debug:
-                    raise
-                err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-                raise typer.Exit(exc.exit_code) from None
-            except Exception as exc:
-                if _debug:
-                    raise
-                err_console.print(
-                    f"[red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug "
-                    "for the traceback, and please report it)",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-                raise typer.Exit(1) from None
+                result = _memory_error_as_user_error(fn, *fn_args, **fn_kwargs)
+                interrupt.check()
+                return result
+            except BaseException as exc:
+                if interrupt.requested() or isinstance(exc, KeyboardInterrupt):
+                    err_console.print("interrupted: no partial output was left behind")
+                    raise typer.Exit(130) from None
+                _raise_as_exit(exc)
 
         return group.command(*args, **kwargs)(wrapper)
 
     return decorate
+
+
+def _raise_as_exit(exc: BaseException) -> None:
+    """Re-raise `exc` as an exit code with one line on stderr (the exception itself under --debug)."""
+    try:
+        raise exc
+    except typer.Exit:
+        raise
+    except BrokenPipeError:
+        # The client converts its socket errors, so a closed pipe here is stdout's.
+        raise typer.Exit(_closed_stdout()) from None
+    except EvitDeployError as error:
+        if _debug:
+            raise
+        err_console.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+    except Exception as error:
+        if _debug:
+            raise
+        err_console.print(
+            f"[red]internal error:[/] {type(error).__name__}: {escape(str(error))} (rerun with --debug "
+            "for the traceback, and please report it)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
 
 
 def _memory_error_as_user_error(fn, *args, **kwargs):
@@ -1029,6 +1039,7 @@ def serve(
     except KeyboardInterrupt:
         if server.triton is None:
             raise
+        interrupt.handled()  # a stop is how a server ends: exit 0 once in-flight requests finish
         err_console.print("stopping: finishing in-flight requests")
     finally:
         server.stop()
@@ -1212,13 +1223,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> None:
     """Console-script entry point."""
-    signal.signal(signal.SIGTERM, _interrupt)  # kill -> the same clean-up as Ctrl-C
+    interrupt.install()  # kill -> the same clean-up as Ctrl-C
     warnings.showwarning = _show_warning
     # Decoders' own notes on a damaged image or checkpoint: the one error line says it already.
     logging.getLogger("PIL").setLevel(logging.CRITICAL)

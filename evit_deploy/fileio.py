@@ -3,7 +3,7 @@
 Everything is written to a hidden temp file in the destination folder (same file system, so the
 final os.replace is atomic), flushed to disk, then renamed. Any exception, Ctrl-C included (and
 SIGTERM, which the CLI turns into KeyboardInterrupt), removes the temp file and leaves whatever
-was there before untouched. A process killed outright (SIGKILL, power loss) cannot clean up: its
+was there before untouched, also when a library swallowed the KeyboardInterrupt (interrupt.py). A process killed outright (SIGKILL, power loss) cannot clean up: its
 temp file is removed by the next write to the same path.
 """
 
@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from evit_deploy import interrupt
 from evit_deploy.errors import EvitDeployError, UsageError
 
 
@@ -44,6 +45,7 @@ def atomic_output(path: str | Path, force: bool = False) -> Iterator[Path]:
             os.fsync(handle.fileno())
         if path.exists() and not force:  # appeared while we worked
             raise UsageError(f"{path} already exists; pass --force to replace it")
+        interrupt.check()  # a stop requested while we worked, even if a library swallowed it
         os.replace(tmp, path)
     except OSError as exc:  # read-only or full disk, permissions: nothing was replaced
         raise EvitDeployError(f"cannot write {path}: {exc.strerror or exc}") from exc

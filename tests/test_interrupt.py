@@ -63,11 +63,70 @@ def test_interrupted_export_keeps_the_previous_file(tmp_path, signum):
     finally:
         proc.kill()
     lines = [line for line in (first + rest).splitlines() if line.strip()]
-    assert proc.returncode == 130, rest
+    assert proc.returncode == 130, (proc.returncode, rest)
     assert lines[-1] == INTERRUPTED and "Traceback" not in rest, rest
     assert previous.read_bytes() == PREVIOUS
     left = [p.name for p in tmp_path.iterdir()]
     assert left == ["model.onnx"], (left, rest)
+
+
+# Runs `evit-deploy plan ... --json-out plan.json --force` with a library inside it that catches the
+# KeyboardInterrupt of a SIGTERM arriving while it works, as torch's lazy imports inside
+# torch.export do, then either finishes its work or fails with an unrelated error (what
+# torch.export then reported: "module 'torch._dynamo' has no attribute 'exc'").
+SWALLOWING_LIBRARY = """
+import signal, sys
+import evit_deploy.analysis.planning as planning
+from evit_deploy.cli import main
+real_fit_budget = planning.fit_budget
+def swallowing_fit_budget(*args, **kwargs):
+    try:
+        signal.raise_signal(signal.SIGTERM)
+    except KeyboardInterrupt:
+        pass
+    if sys.argv[1] == "fails":
+        raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+    return real_fit_budget(*args, **kwargs)
+planning.fit_budget = swallowing_fit_budget
+sys.argv = ["evit-deploy", "plan", "deit_tiny_patch16_224", "--budget-gmacs", "1.3", "--json-out", "plan.json", "--force"]
+main()
+"""
+
+
+@pytest.mark.parametrize("then", ["finishes", "fails"])
+def test_a_stop_that_a_library_swallowed_still_stops(tmp_path, then):
+    """The request is recorded before the KeyboardInterrupt is raised: whatever the library does
+    next, the command exits 130 as interrupted and the previous output is untouched."""
+    previous = tmp_path / "plan.json"
+    previous.write_bytes(PREVIOUS)
+    proc = subprocess.run(
+        [sys.executable, "-c", SWALLOWING_LIBRARY, then], cwd=tmp_path, env=cli_env(),
+        capture_output=True, text=True, timeout=120,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 130, proc.stderr
+    assert lines == [INTERRUPTED], proc.stderr
+    assert previous.read_bytes() == PREVIOUS
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_atomic_output_never_renames_after_a_stop_was_requested(tmp_path, monkeypatch):
+    """Library use: a recorded stop keeps the previous file even if the KeyboardInterrupt was
+    caught inside the `with` block."""
+    from evit_deploy import interrupt
+    from evit_deploy.fileio import atomic_output
+
+    monkeypatch.setattr(interrupt, "_requested", False)
+    target = tmp_path / "model.onnx"
+    target.write_bytes(PREVIOUS)
+    with pytest.raises(KeyboardInterrupt), atomic_output(target, force=True) as tmp:
+        tmp.write_bytes(b"the new export")
+        try:
+            interrupt.stop(signal.SIGTERM, None)
+        except KeyboardInterrupt:
+            pass
+    assert target.read_bytes() == PREVIOUS
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
 def start_endless_writer(path: Path) -> subprocess.Popen:
