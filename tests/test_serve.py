@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -547,6 +548,82 @@ def test_full_queue_answers_503_at_once_and_serving_resumes(artifact):
             assert client.predict_image(SAMPLE_IMAGE)["class_ids"]
     finally:
         release.set()
+        srv.stop()
+
+
+@pytest.mark.parametrize(
+    "failures, attempts, restarts, outcome",
+    [
+        (["race", "race"], 3, 2, "started"),  # the last of three starts works
+        (["race"] * 3, 3, 2, "race"),  # three misses: the error is final
+        (["other"], 1, 0, "other"),  # any other failure is not retried
+    ],
+)
+def test_only_the_instance_handshake_race_restarts_triton(failures, attempts, restarts, outcome):
+    """PyTriton 0.7's 1 s handshake between model instances (pytriton#109) can fail on a busy
+    machine: that failure alone starts Triton again, up to TRITON_STARTS times, with a warning."""
+    from evit_deploy.serve import EvitServer
+    from evit_deploy.serve.server import HANDSHAKE_TIMEOUT, TRITON_STARTS
+
+    assert TRITON_STARTS == 3
+    srv = EvitServer("unused.onnx", ServeOptions(workers=2))
+    started, stopped = [], []
+    errors = {"race": f"Triton Inference Server failed to start: ... {HANDSHAKE_TIMEOUT} ...", "other": "port taken"}
+
+    def start_once():
+        started.append(1)
+        if len(started) <= len(failures):
+            raise EvitDeployError(errors[failures[len(started) - 1]])
+
+    srv._start_triton_once, srv._stop_triton = start_once, lambda: stopped.append(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if outcome == "started":
+            srv._start_triton()
+        else:
+            with pytest.raises(EvitDeployError, match=HANDSHAKE_TIMEOUT if outcome == "race" else "port taken"):
+                srv._start_triton()
+    assert len(started) == attempts
+    assert len(stopped) == len(caught) == restarts
+    assert all("starting Triton again" in str(w.message) for w in caught)
+
+
+@needs_pytriton
+def test_two_workers_run_two_batches_at_once(artifact, predictor):
+    """--workers 2: two Triton model instances, each with its own Predictor. Each batch is held
+    in the model until the other one is inside too, which a single instance could never reach
+    (the barrier would break), and both answers are the right ones."""
+    from evit_deploy.serve import EvitServer
+
+    srv = EvitServer(artifact, port_options(max_batch=1, max_delay_ms=0, workers=2))
+    srv.start(ready_timeout_s=SERVER_TIMEOUT)
+    both_inside = threading.Barrier(2)
+    try:
+        assert len({id(p) for p in srv.predictors}) == 2
+        for worker in srv.predictors:
+            original = worker.logits
+
+            def held(batch, _original=original):
+                both_inside.wait(timeout=60)
+                return _original(batch)
+
+            worker.logits = held  # instance attribute: this server only
+        rng = np.random.default_rng(12)
+        batches = [rng.standard_normal((1, 3, 224, 224), dtype=np.float32) for _ in range(2)]
+
+        def work(i: int):
+            with connect(srv) as client:
+                return client.logits(batches[i])
+
+        results = ClientThreads(2, work).join()
+        for got, batch in zip(results, batches):
+            assert isinstance(got, np.ndarray), got
+            assert logits_match(got, predictor.logits(batch))
+        with connect(srv) as client:
+            status, _, body = client.request("GET", "/v2/models/evit/config")
+        assert status == 200, body
+        assert [group["count"] for group in json.loads(body)["instance_group"]] == [2]
+    finally:
         srv.stop()
 
 

@@ -32,6 +32,11 @@ from evit_deploy.runtime import Predictor
 from evit_deploy.runtime.backends import backend_for
 from evit_deploy.serve.metrics import ServeMetrics
 
+# What a model instance that missed PyTriton's handshake with the first instance reports, and how
+# many times Triton is started before that failure is final (EvitServer._start_triton).
+HANDSHAKE_TIMEOUT = "Timeout occurred while waiting for config file"
+TRITON_STARTS = 3
+
 
 
 @dataclass
@@ -223,6 +228,23 @@ class EvitServer:
         return self.predictors[0].metadata
 
     def _start_triton(self) -> None:
+        """With several instances, PyTriton 0.7 loads them together and every instance but the
+        first waits only 1 s for the first one's handshake socket (pytriton#109), which a busy
+        machine can miss: that load failure, and only that one, is retried."""
+        for attempt in range(1, TRITON_STARTS + 1):
+            try:
+                return self._start_triton_once()
+            except EvitDeployError as exc:
+                if HANDSHAKE_TIMEOUT not in str(exc) or attempt == TRITON_STARTS:
+                    raise
+                self._stop_triton()
+                warnings.warn(
+                    f"a model instance missed PyTriton's 1 s handshake with the first one (busy machine): "
+                    f"starting Triton again ({attempt + 1} of {TRITON_STARTS})",
+                    stacklevel=2,
+                )
+
+    def _start_triton_once(self) -> None:
         from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
         from pytriton.triton import Triton, TritonConfig
 
@@ -263,9 +285,10 @@ class EvitServer:
             try:
                 self.triton.run()
             except Exception as exc:
+                first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                race = f" ({HANDSHAKE_TIMEOUT})" if HANDSHAKE_TIMEOUT in str(exc) else ""
                 raise EvitDeployError(
-                    f"Triton Inference Server failed to start: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                    f"{self._log_tail()}"
+                    f"Triton Inference Server failed to start: {first_line}{race}{self._log_tail()}"
                 ) from exc
 
     def _start_front(self) -> None:
@@ -317,14 +340,17 @@ class EvitServer:
         if self.front is not None:
             self.front.stop(timeout)
             self.front = None
-        if self.triton is not None:
-            try:
+        self._stop_triton()
+
+    def _stop_triton(self) -> None:
+        try:
+            if self.triton is not None:
                 self.triton.stop()
-            finally:
-                self.triton = None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
+        finally:
+            self.triton = None
+            if self._tmpdir is not None:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+                self._tmpdir = None
 
     def __enter__(self) -> "EvitServer":
         return self.start()
