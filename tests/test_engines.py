@@ -856,7 +856,6 @@ def test_engine_batches_resize_and_split(real_engines):
 
 
 @gpu_tensorrt
-@pytest.mark.skipif(importlib.util.find_spec("onnxslim") is None, reason="the baseline export needs onnxslim")
 def test_baseline_engine_has_the_same_settings(real_engines):
     path = engines_trt.build_baseline_engine(real_engines["fp16"])
     baseline, evit = read_engine_header(path), read_engine_header(real_engines["fp16"])
