@@ -78,13 +78,14 @@ SWALLOWING_LIBRARY = """
 import signal, sys
 import evit_deploy.analysis.planning as planning
 from evit_deploy.cli import main
+then = sys.argv[1]
 real_fit_budget = planning.fit_budget
 def swallowing_fit_budget(*args, **kwargs):
     try:
         signal.raise_signal(signal.SIGTERM)
     except KeyboardInterrupt:
         pass
-    if sys.argv[1] == "fails":
+    if then == "fails":
         raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
     return real_fit_budget(*args, **kwargs)
 planning.fit_budget = swallowing_fit_budget
