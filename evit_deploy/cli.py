@@ -65,44 +65,47 @@ def command(*args, group: typer.Typer = app, **kwargs):
         @functools.wraps(fn)
         def wrapper(*fn_args, **fn_kwargs):
             try:
-                result = _memory_error_as_user_error(fn, *fn_args, **fn_kwargs)
-                interrupt.check()
-                return result
-            except BaseException as exc:
-                if interrupt.requested() or isinstance(exc, KeyboardInterrupt):
-                    err_console.print("interrupted: no partial output was left behind")
-                    raise typer.Exit(130) from None
-                _raise_as_exit(exc)
+                return _recorded_stop_as_interrupt(fn, *fn_args, **fn_kwargs)
+            except typer.Exit:
+                raise
+            except BrokenPipeError:
+                # The client converts its socket errors, so a closed pipe here is stdout's.
+                raise typer.Exit(_closed_stdout()) from None
+            except KeyboardInterrupt:
+                err_console.print("interrupted: no partial output was left behind")
+                raise typer.Exit(130) from None
+            except EvitDeployError as exc:
+                if _debug:
+                    raise
+                err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(exc.exit_code) from None
+            except Exception as exc:
+                if _debug:
+                    raise
+                err_console.print(
+                    f"[red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug "
+                    "for the traceback, and please report it)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                raise typer.Exit(1) from None
 
         return group.command(*args, **kwargs)(wrapper)
 
     return decorate
 
 
-def _raise_as_exit(exc: BaseException) -> None:
-    """Re-raise `exc` as an exit code with one line on stderr (the exception itself under --debug)."""
+def _recorded_stop_as_interrupt(fn, *args, **kwargs):
+    """A stop the signal handler recorded ends the command as interrupted, whatever it did after
+    a library caught the KeyboardInterrupt: finished, failed or exited (interrupt.py)."""
     try:
-        raise exc
-    except typer.Exit:
+        result = _memory_error_as_user_error(fn, *args, **kwargs)
+    except BaseException:
+        if interrupt.requested():
+            raise KeyboardInterrupt from None
         raise
-    except BrokenPipeError:
-        # The client converts its socket errors, so a closed pipe here is stdout's.
-        raise typer.Exit(_closed_stdout()) from None
-    except EvitDeployError as error:
-        if _debug:
-            raise
-        err_console.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(error.exit_code) from None
-    except Exception as error:
-        if _debug:
-            raise
-        err_console.print(
-            f"[red]internal error:[/] {type(error).__name__}: {escape(str(error))} (rerun with --debug "
-            "for the traceback, and please report it)",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(1) from None
+    interrupt.check()
+    return result
 
 
 def _memory_error_as_user_error(fn, *args, **kwargs):

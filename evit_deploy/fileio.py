@@ -3,8 +3,9 @@
 Everything is written to a hidden temp file in the destination folder (same file system, so the
 final os.replace is atomic), flushed to disk, then renamed. Any exception, Ctrl-C included (and
 SIGTERM, which the CLI turns into KeyboardInterrupt), removes the temp file and leaves whatever
-was there before untouched, also when a library swallowed the KeyboardInterrupt (interrupt.py). A process killed outright (SIGKILL, power loss) cannot clean up: its
-temp file is removed by the next write to the same path.
+was there before untouched, also when a library swallowed the KeyboardInterrupt (interrupt.py).
+A process killed outright (SIGKILL, power loss) cannot clean up: its temp file is removed by the
+next write to the same path.
 """
 
 from __future__ import annotations

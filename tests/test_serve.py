@@ -211,6 +211,19 @@ def connect(srv, timeout: float = 60.0) -> Client:
     return Client(srv.urls["http"], rest_url=srv.urls["rest"], timeout=timeout)
 
 
+def hold_model(srv, wait) -> None:
+    """Every batch waits inside the model (each worker's Predictor) until `wait()` returns; it
+    must return true. Instance attributes: this server's Predictors only."""
+    for predictor in srv.predictors:
+        original = predictor.logits
+
+        def held(batch, _original=original):
+            assert wait()
+            return _original(batch)
+
+        predictor.logits = held
+
+
 class ClientThreads:
     """`work(i)` in `count` threads released together; results (or exceptions) in order, and the
     indices of those finished so far in `finished`, in the order they finished."""
@@ -501,14 +514,7 @@ def test_full_queue_answers_503_at_once_and_serving_resumes(artifact):
     srv.start(ready_timeout_s=SERVER_TIMEOUT)
     release = threading.Event()
     try:
-        for predictor in srv.predictors:
-            original = predictor.logits
-
-            def held(batch, _original=original):
-                assert release.wait(SERVER_TIMEOUT)
-                return _original(batch)
-
-            predictor.logits = held  # instance attribute: this server only
+        hold_model(srv, lambda: release.wait(SERVER_TIMEOUT))
         x = np.zeros((1, 3, 224, 224), np.float32)
 
         def work(i: int):
@@ -600,14 +606,7 @@ def test_two_workers_run_two_batches_at_once(artifact, predictor):
     both_inside = threading.Barrier(2)
     try:
         assert len({id(p) for p in srv.predictors}) == 2
-        for worker in srv.predictors:
-            original = worker.logits
-
-            def held(batch, _original=original):
-                both_inside.wait(timeout=60)
-                return _original(batch)
-
-            worker.logits = held  # instance attribute: this server only
+        hold_model(srv, lambda: both_inside.wait(timeout=60) is not None)
         rng = np.random.default_rng(12)
         batches = [rng.standard_normal((1, 3, 224, 224), dtype=np.float32) for _ in range(2)]
 

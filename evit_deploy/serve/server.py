@@ -38,7 +38,6 @@ HANDSHAKE_TIMEOUT = "Timeout occurred while waiting for config file"
 TRITON_STARTS = 3
 
 
-
 @dataclass
 class ServeOptions:
     host: str = "127.0.0.1"
