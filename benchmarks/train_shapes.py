@@ -10,8 +10,10 @@ seeds), never repeated.
     .venv/bin/python benchmarks/train_shapes.py --output build/shapes_train
 
 Writes, in --output: log.jsonl (one line per logged step: loss, train accuracy, lr, keep rate,
-resolution, held-out accuracy at the eval steps), last.pt (resumable with --resume) and
-shapes_evit_tiny.safetensors (fp16 weights, timm keys).
+resolution, held-out accuracy at the eval steps), last.pt (resumable with --resume), NAME.safetensors
+(fp16 weights, timm keys; --name, default shapes_evit_tiny), labels.txt and MODEL_CARD.md.
+`--init WEIGHTS` fine-tunes from a trained model instead of starting from scratch (the paper's
+higher-resolution EViT; benchmarks/train_paper_claims.sh runs the whole comparison).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from evit_deploy.data.shapes import CLASSES, make_sample
-from evit_deploy.model.checkpoint import resample_pos_embed
+from evit_deploy.model.checkpoint import read_state_dict, resample_pos_embed
 from evit_deploy.model.config import IMAGENET_MEAN, IMAGENET_STD, EvitConfig, plan_tokens
 from evit_deploy.model.vit import EViT
 
@@ -77,9 +79,12 @@ class Recipe:
 
 
 def keep_rate_at(recipe: Recipe, step: int) -> float:
-    """1.0 during the keep warm-up, then the official cosine shrink to the target."""
+    """1.0 during the keep warm-up, then the official cosine shrink to the target (at once when
+    keep_shrink_steps is 0: a fine-tune of a model already trained with EViT)."""
     if step < recipe.keep_warmup_steps:
         return 1.0
+    if recipe.keep_shrink_steps <= 0:
+        return recipe.keep_rate
     t = min(1.0, (step - recipe.keep_warmup_steps) / recipe.keep_shrink_steps)
     return recipe.keep_rate + (1 - recipe.keep_rate) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -182,6 +187,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-count", type=int, default=400)
+    parser.add_argument("--name", default="shapes_evit_tiny", help="stem of the weights file")
+    parser.add_argument("--init", type=Path, help="start from these weights (a fine-tune)")
     for name, value in asdict(Recipe()).items():
         if not isinstance(value, tuple):
             parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
@@ -195,6 +202,10 @@ def main() -> None:
     )
     model = EViT(config)
     init_weights(model, recipe.seed)
+    if args.init is not None:
+        state = read_state_dict(args.init)
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], config.num_patches)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
     optimizer = make_optimizer(model, recipe)
     step, elapsed = 0, 0.0
     last = args.output / "last.pt"
@@ -259,50 +270,66 @@ def main() -> None:
             log.flush()
             print(json.dumps(entry), flush=True)
     set_keep_rate(model, recipe.keep_rate)
-    weights = args.output / "shapes_evit_tiny.safetensors"
+    weights = args.output / f"{args.name}.safetensors"
     save_weights(model, weights, recipe)
     wall_s = time.perf_counter() - started
-    write_card(args.output, weights, recipe, step, wall_s)
+    write_card(weights, recipe, step, wall_s, args.init)
 
 
-def write_card(folder: Path, weights: Path, recipe: Recipe, steps: int, wall_s: float) -> None:
+def write_card(
+    weights: Path, recipe: Recipe, steps: int, wall_s: float, init: Path | None = None
+) -> None:
     """MODEL_CARD.md beside the weights: recipe, seeds, steps, wall time, held-out accuracy of the
-    saved (fp16) weights, sha256."""
+    saved (fp16) weights at the final input size, sha256."""
     import hashlib
 
     from evit_deploy.model.checkpoint import build_model
 
+    img_size = recipe.schedule[-1][0]
     reloaded = build_model(
-        EvitConfig(recipe.model, recipe.keep_rate, recipe.drop_loc, True, 224, len(CLASSES)), weights
+        EvitConfig(recipe.model, recipe.keep_rate, recipe.drop_loc, True, img_size, len(CLASSES)),
+        weights,
     )
-    top1 = accuracy(reloaded, HELDOUT_SEED, 224, HELDOUT_COUNT, recipe.keep_rate)
+    top1 = accuracy(reloaded, HELDOUT_SEED, img_size, HELDOUT_COUNT, recipe.keep_rate)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    evit = recipe.keep_rate < 1
+    kind = (
+        f"EViT keep rate {recipe.keep_rate}, drop blocks {','.join(map(str, recipe.drop_loc))}, "
+        "fused token" if evit else "plain ViT (keep rate 1.0 throughout: no token is dropped)"
+    )
+    start = (
+        f"fine-tuned from `{init.name}` (its card gives how that was trained)" if init else
+        "from scratch"
+    )
+    schedule = (
+        f"keep rate 1.0 for the first {recipe.keep_warmup_steps} steps, then the official cosine "
+        f"shrink to {recipe.keep_rate} over {recipe.keep_shrink_steps} steps"
+        if evit and recipe.keep_shrink_steps > 0 else f"keep rate {recipe.keep_rate} throughout"
+    )
     lines = [
-        "# shapes_evit_tiny: a deit_tiny EViT trained on the generated shapes dataset",
+        f"# {weights.stem}: a deit_tiny {'EViT' if evit else 'plain ViT'} trained on the generated "
+        "shapes dataset",
         "",
-        f"- Architecture: {recipe.model} (5.5 M parameters), EViT keep rate {recipe.keep_rate}, "
-        f"drop blocks {','.join(map(str, recipe.drop_loc))}, fused token; {len(CLASSES)} classes "
+        f"- Architecture: {recipe.model} (5.5 M parameters), {kind}; {len(CLASSES)} classes "
         f"({', '.join(CLASSES)}), names in labels.txt.",
-        "- Input: the generated 224 px images as they are (crop_pct 1.0, no resize), ImageNet "
-        "mean/std; recorded in the safetensors metadata, so every export carries it.",
+        f"- Input: the generated {img_size} px images as they are (crop_pct 1.0, no resize), "
+        "ImageNet mean/std; recorded in the safetensors metadata, so every export carries it.",
         f"- Held-out top-1 at keep {recipe.keep_rate}: **{top1:.2%}** on {HELDOUT_COUNT} images "
-        f"(`evit-deploy dataset shapes --count {HELDOUT_COUNT} --seed {HELDOUT_SEED}`), measured "
-        "on these fp16-stored weights (loaded as fp32).",
-        f"- Training: from scratch, {steps} steps of batch {recipe.batch} ({steps * recipe.batch:,} "
-        f"images generated on the fly, seed {TRAIN_SEED}, none repeated), {wall_s / 60:.0f} min "
-        "wall time on the project's 2-core CPU (other jobs shared it).",
-        f"- Recipe (`benchmarks/train_shapes.py`, defaults): {json.dumps(asdict(recipe))}",
-        "- Schedule: keep rate 1.0 for the first "
-        f"{recipe.keep_warmup_steps} steps, then the official cosine shrink to {recipe.keep_rate} "
-        f"over {recipe.keep_shrink_steps} steps; AdamW, lr {recipe.lr:g} after a "
-        f"{recipe.warmup_steps}-step warm-up, one cosine decay to {recipe.min_lr:g}; input size "
+        f"(`evit-deploy dataset shapes --count {HELDOUT_COUNT} --seed {HELDOUT_SEED} --img-size "
+        f"{img_size}`), measured on these fp16-stored weights (loaded as fp32).",
+        f"- Training: {start}, {steps} steps of batch {recipe.batch} ({steps * recipe.batch:,} "
+        f"images generated on the fly, seed {TRAIN_SEED}), {wall_s / 60:.0f} min wall time on the "
+        "project's 2-core CPU (other jobs shared it).",
+        f"- Recipe (`benchmarks/train_shapes.py`): {json.dumps(asdict(recipe))}",
+        f"- Schedule: {schedule}; AdamW, lr {recipe.lr:g} after a {recipe.warmup_steps}-step "
+        f"warm-up, one cosine decay to {recipe.min_lr:g}; input size "
         + ", then ".join(f"{size} px for {steps} steps" for size, steps in recipe.schedule)
         + " (pos_embed resampled bicubically at each change).",
-        "- Training curve: `benchmarks/shapes_train_log.jsonl`.",
-        f"- sha256 of shapes_evit_tiny.safetensors: `{digest}`",
+        "- Training curve: `log.jsonl` of the run (the shipped copy beside these weights).",
+        f"- sha256 of {weights.name}: `{digest}`",
         "",
     ]
-    (folder / "MODEL_CARD.md").write_text("\n".join(lines), encoding="utf-8")
+    (weights.parent / "MODEL_CARD.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def make_optimizer(model: EViT, recipe: Recipe, old: torch.optim.Optimizer | None = None):
