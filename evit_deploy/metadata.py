@@ -12,7 +12,9 @@ from pathlib import Path
 
 from evit_deploy import __version__
 from evit_deploy.errors import EvitDeployError
-from evit_deploy.model.config import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, EvitConfig
+from evit_deploy.model.config import (
+    CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, EvitConfig, Preprocessing,
+)
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -96,6 +98,10 @@ class ArtifactMetadata:
             self.num_classes,
         )
 
+    def preprocessing(self) -> Preprocessing:
+        """The input transform, validated (a damaged crop_pct would make preprocessing costly)."""
+        return Preprocessing(tuple(self.mean), tuple(self.std), self.crop_pct, self.interpolation)
+
     def to_dict(self) -> dict:
         """Typed JSON values (lists, numbers, booleans), for files and --json output."""
         return asdict(self)
@@ -124,6 +130,7 @@ class ArtifactMetadata:
             }
             metadata = cls(**values)
             metadata.to_config()  # the same validation as the settings of an export
+            metadata.preprocessing()  # and as a checkpoint's input transform
             if metadata.classes and len(metadata.classes) != metadata.num_classes:
                 raise ValueError(
                     f"{len(metadata.classes)} class names for {metadata.num_classes} classes"

@@ -18,8 +18,9 @@ ASSETS = Path(__file__).parent / "assets"
 SAMPLE_IMAGE = ASSETS / "grace_hopper.jpg"  # public-domain photograph (US Navy), as in matplotlib
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard (load_image checks it): about 8000 x 8000
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+# Longer side over shorter side. The center crop of a thinner image keeps under 1/20 of it, and a
+# 1 x 200000 PNG is a few hundred bytes: refused as a user error rather than classified.
+MAX_ASPECT_RATIO = 20
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
@@ -64,7 +65,17 @@ def load_image(image) -> Image.Image:
         )
     if 0 in picture.size:
         raise EvitDeployError(f"image {_name(image)} has no pixels ({picture.width}x{picture.height})")
+    check_aspect_ratio(picture.width, picture.height, _name(image))
     return picture
+
+
+def check_aspect_ratio(width: int, height: int, name: str) -> None:
+    """Refuse images thinner than MAX_ASPECT_RATIO : 1 (ImageTooLarge: the REST front's 413)."""
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageTooLarge(
+            f"image {name + ' ' if name else ''}is {width}x{height}, more than "
+            f"{MAX_ASPECT_RATIO}:1; crop it to the object first"
+        )
 
 
 def _decode(path: Path) -> Image.Image:
@@ -76,6 +87,8 @@ def _decode(path: Path) -> Image.Image:
             width, height = opened.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise _too_large(path, f" ({width}x{height})")
+            if min(width, height) > 0:  # checked before the pixels are decoded
+                check_aspect_ratio(width, height, str(path))
             return to_rgb(opened)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _too_large(path, "") from None
@@ -86,8 +99,12 @@ def _decode(path: Path) -> Image.Image:
         raise EvitDeployError(f"cannot decode image {path}: {reason}") from None
 
 
+class ImageTooLarge(EvitDeployError):
+    """An image refused for its size or shape before it costs memory (the REST front's 413)."""
+
+
 def _too_large(path: Path, size: str) -> EvitDeployError:
-    return EvitDeployError(
+    return ImageTooLarge(
         f"image {path} is over the {MAX_IMAGE_PIXELS:,}-pixel limit{size}; downscale it"
     )
 
@@ -118,16 +135,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def resize_and_crop(
     image: Image.Image, img_size: int, crop_pct: float = CROP_PCT, interpolation: str = "bicubic"
 ) -> Image.Image:
+    """torchvision's Resize(floor(img_size / crop_pct)) + CenterCrop(img_size), computed as one
+    resize of the source region that the crop keeps (equal to within 1/255 where float rounding
+    moves a tap), so the cost is bounded by the output, never by the resized image: a 1 x 8000
+    image would otherwise become 224 x 1.8 million pixels before the crop."""
+    return image.resize(
+        (img_size, img_size), _RESAMPLE[interpolation],
+        box=crop_box(image.width, image.height, img_size, crop_pct),
+    )
+
+
+def crop_box(
+    width: int, height: int, img_size: int, crop_pct: float
+) -> tuple[float, float, float, float]:
+    """The source region (left, top, right, bottom) that resizing the short side to
+    floor(img_size / crop_pct) and center-cropping img_size keeps, in source pixels."""
     short_target = math.floor(img_size / crop_pct)
-    width, height = image.size
     if width <= height:
         size = (short_target, int(short_target * height / width))
     else:
         size = (int(short_target * width / height), short_target)
-    image = image.resize(size, _RESAMPLE[interpolation])
     left = int(round((size[0] - img_size) / 2.0))
     top = int(round((size[1] - img_size) / 2.0))
-    return image.crop((left, top, left + img_size, top + img_size))
+    scale_x, scale_y = width / size[0], height / size[1]
+    return (
+        left * scale_x, top * scale_y, (left + img_size) * scale_x, (top + img_size) * scale_y
+    )
 
 
 def normalised(

@@ -144,6 +144,8 @@ CASES = [
          "error: cannot decode image cut.tif: cannot identify image file 'cut.tif'"),
     Case("image-huge", "image declaring 100000 x 100000 pixels", ("predict", "tiny.onnx", "huge.png"), 1,
          "error: image huge.png is over the 64,000,000-pixel limit; downscale it"),
+    Case("image-thin", "image of 1 x 8000 pixels (93 bytes that preprocessing once blew up to 1.5 GB)", ("predict", "tiny.onnx", "thin.png"), 1,
+         "error: image thin.png is 1x8000, more than 20:1; crop it to the object first"),
     Case("image-modes", "grayscale, RGBA and 16-bit PNGs (converted to RGB)", ("predict", "tiny.onnx", "gray.png", "rgba.png", "gray16.png", "--json"), 0,
          ""),
     Case("eval-corrupt-image", "a corrupt image in an eval folder", ("eval", "tiny.pth", "broken-data"), 1,
@@ -302,6 +304,7 @@ def fixture_files(tmp_path_factory, onnx_export) -> Path:
     (folder / "bad.tif").write_bytes(_tiff_with_bad_samples_per_pixel())
     (folder / "cut.tif").write_bytes((folder / "bad.tif").read_bytes()[:8])  # PIL warns, then fails
     (folder / "huge.png").write_bytes(_png_declaring(100_000, 100_000))
+    Image.new("RGB", (1, 8000), (200, 30, 30)).save(folder / "thin.png")
     Image.new("L", (90, 60), 128).save(folder / "gray.png")
     Image.fromarray(_half_transparent()).save(folder / "rgba.png")
     Image.fromarray(_gray16()).save(folder / "gray16.png")

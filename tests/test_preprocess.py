@@ -14,15 +14,28 @@ the crop offset is int(round((resized - img_size) / 2)), where Python's round ta
 from __future__ import annotations
 
 import dataclasses
+import io
+import math
+import os
+import struct
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
 
+from PIL import Image
+
+from evit_deploy.errors import EvitDeployError
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model import EvitConfig
-from evit_deploy.preprocess import preprocess
+from evit_deploy.preprocess import (
+    SAMPLE_IMAGE, ImageTooLarge, load_image, preprocess, resize_and_crop,
+)
 from evit_deploy.runtime import Predictor
 from evit_deploy.runtime.backends import Backend
+from evit_deploy.serve.rest import RequestError, decode_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / STD, written out
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -134,3 +147,89 @@ def test_predict_preprocesses_with_the_artifacts_own_settings():
     Predictor(backend).predict([stripes(400, 300)])
     (batch,) = backend.inputs
     check_stripes(batch[0], 400, 300, 160, 1.0, mean, std)
+
+
+# -- cost bounded by the output (issue 19): thin images and damaged crop settings
+
+
+def _resize_then_crop(image, img_size, crop_pct):
+    """torchvision's order, worked out separately: resize the short side, then center-crop."""
+    short = math.floor(img_size / crop_pct)
+    w, h = image.size
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    left, top = round((size[0] - img_size) / 2), round((size[1] - img_size) / 2)
+    return image.resize(size, Image.BICUBIC).crop((left, top, left + img_size, top + img_size))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+def test_cropping_before_resizing_matches_resize_then_crop_on_a_photograph(transpose, crop_pct):
+    photo = Image.open(SAMPLE_IMAGE).convert("RGB")
+    if transpose:
+        photo = photo.transpose(Image.TRANSPOSE)
+    expected = np.asarray(_resize_then_crop(photo, 224, crop_pct), np.int16)
+    got = np.asarray(resize_and_crop(photo, 224, crop_pct), np.int16)
+    assert got.shape == expected.shape == (224, 224, 3)
+    assert np.abs(got - expected).max() <= 1
+    assert (got != expected).mean() < 0.01
+
+
+def test_a_thin_image_costs_no_more_memory_than_the_output():
+    """1 x 20000 pixels once peaked at 5.3 GB (resized to 224 x 4.5 million before the crop).
+    resize_and_crop runs here without load_image's aspect-ratio check, under a 1 GiB address-space
+    limit, in a child process that imports only PIL and numpy."""
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+        "from PIL import Image\n"
+        "from evit_deploy.preprocess import resize_and_crop\n"
+        "for size in [(1, 20000), (20000, 1), (3, 200000)]:\n"
+        "    out = resize_and_crop(Image.new('RGB', size, (9, 99, 199)), 224, 0.875)\n"
+        "    assert out.size == (224, 224) and out.getpixel((100, 100)) == (9, 99, 199), out\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("size", [(1, 8000), (8000, 1), (20, 401)])
+def test_images_thinner_than_20_to_1_are_refused_before_decoding(tmp_path, size):
+    path = tmp_path / "thin.png"
+    Image.new("RGB", size).save(path)
+    with pytest.raises(ImageTooLarge, match=r"more than 20:1; crop it"):
+        load_image(path)
+    with pytest.raises(ImageTooLarge, match=r"more than 20:1"):
+        load_image(np.zeros((size[1], size[0], 3), np.uint8))
+
+
+def test_an_image_of_exactly_20_to_1_is_accepted():
+    assert preprocess([np.zeros((20, 400, 3), np.uint8)]).shape == (1, 3, 224, 224)
+
+
+@pytest.mark.parametrize("crop_pct", [1e-9, 0.001, 0.2, 1.5])
+def test_artifacts_with_a_crop_pct_out_of_range_are_refused_as_damaged(crop_pct):
+    meta = ArtifactMetadata.from_config(EvitConfig("deit_tiny_patch16_224"), crop_pct=crop_pct)
+    with pytest.raises(EvitDeployError, match=r"damaged evit-deploy metadata \(crop_pct must be"):
+        ArtifactMetadata.from_props(meta.to_props(), "model.onnx")
+
+
+def test_rest_front_answers_413_for_thin_and_oversized_images():
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 8000)).save(buffer, "PNG")
+    assert len(buffer.getvalue()) < 200  # a few bytes on the wire
+    with pytest.raises(RequestError) as thin:
+        decode_image(buffer.getvalue(), 40_000_000)
+    assert thin.value.status == 413 and "more than 20:1" in thin.value.message
+    with pytest.raises(RequestError) as huge:  # over PIL's own bomb guard: was a 400
+        decode_image(_png_declaring(20_000, 20_000), 40_000_000)
+    assert huge.value.status == 413
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")

@@ -15,6 +15,9 @@ from evit_deploy.errors import UsageError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_PCT = 0.875
+# A crop of less than this share of the short side throws most of the image away: refused in
+# checkpoints and artifacts as damaged (torchvision-style resizing to img_size / crop_pct).
+MIN_CROP_PCT = 0.25
 INTERPOLATION = "bicubic"
 
 
@@ -31,8 +34,8 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise UsageError(f"mean and std need 3 values (std > 0), got {self.mean}, {self.std}")
-        if not 0 < self.crop_pct <= 1:
-            raise UsageError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if not MIN_CROP_PCT <= self.crop_pct <= 1:
+            raise UsageError(f"crop_pct must be in [{MIN_CROP_PCT}, 1], got {self.crop_pct}")
         if self.interpolation not in ("bicubic", "bilinear", "nearest"):
             raise UsageError(f"unknown interpolation '{self.interpolation}'")
 

@@ -32,7 +32,7 @@ from evit_deploy.client import (
     error_message,
 )
 from evit_deploy.errors import EvitDeployError
-from evit_deploy.preprocess import preprocess, to_rgb
+from evit_deploy.preprocess import ImageTooLarge, check_aspect_ratio, preprocess, to_rgb
 from evit_deploy.runtime import Predictor
 from evit_deploy.serve.metrics import ServeMetrics
 
@@ -63,10 +63,15 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                 raise RequestError(
                     413, f"image is {width}x{height} pixels; the limit is {max_pixels} pixels"
                 )
+            check_aspect_ratio(width, height, "")
             image.load()
             return to_rgb(image)
     except RequestError:
         raise
+    except ImageTooLarge as exc:
+        raise RequestError(413, str(exc)) from None
+    except Image.DecompressionBombError:  # PIL's own guard, at twice its pixel limit
+        raise RequestError(413, f"image is over the {max_pixels}-pixel limit") from None
     except Image.UnidentifiedImageError:  # its message names the BytesIO object, an address
         raise RequestError(
             400, f"cannot decode image: not a {', '.join(IMAGE_FORMATS)} image"
