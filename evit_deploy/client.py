@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import math
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,6 +23,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.stats import latency_summary
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_MODEL = "evit"
@@ -262,15 +261,6 @@ class LoadTestResult:
         return asdict(self)
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 def logits_match(got: np.ndarray, expected: np.ndarray, rtol: float = 1e-3) -> bool:
     """Same answer up to float reordering: |diff| <= rtol * max(1, max|expected|).
 
@@ -383,6 +373,7 @@ def load_test(
     wall = time.perf_counter() - start
     done = len(latencies)
     ms = [x * 1000 for x in latencies]
+    summary = latency_summary(ms)
     return LoadTestResult(
         requests=done + sum(errors.values()),
         errors=sum(errors.values()),
@@ -393,10 +384,10 @@ def load_test(
         wall_s=round(wall, 3),
         throughput_rps=round(done / wall, 2) if wall else 0.0,
         throughput_ips=round(done * batch / wall, 2) if wall else 0.0,
-        p50_ms=round(percentile(ms, 50), 2),
-        p90_ms=round(percentile(ms, 90), 2),
-        p99_ms=round(percentile(ms, 99), 2),
-        mean_ms=round(sum(ms) / len(ms), 2) if ms else float("nan"),
+        p50_ms=round(summary["p50"], 2),
+        p90_ms=round(summary["p90"], 2),
+        p99_ms=round(summary["p99"], 2),
+        mean_ms=round(summary["mean"], 2),
         max_ms=round(max(ms), 2) if ms else float("nan"),
         error_kinds=errors,
         expected_from=expected_from,

@@ -21,12 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from evit_deploy import __version__
-from evit_deploy.engines.support import (
-    MIN_TENSORRT_MAJOR,
-    TENSORRT_INSTALL,
+from evit_deploy.errors import first_line
+from evit_deploy.engines.support import MIN_TENSORRT_MAJOR, has_fast_fp16, tensorrt_major
+from evit_deploy.install import (
+    OPENVINO_INSTALL, ORT_GPU_INSTALL, PLOT_INSTALL, SERVE_INSTALL, TENSORRT_INSTALL,
     TORCH_CUDA_INSTALL,
-    has_fast_fp16,
-    tensorrt_major,
 )
 from evit_deploy.runtime.cpu_features import CpuFeatures, missing_bf16, probe_cpu
 
@@ -39,13 +38,9 @@ SERVE_PACKAGES = ("nvidia-pytriton", "tritonclient", "aiohttp")
 IMPORT_NAMES = {"pillow": "PIL", "nvidia-pytriton": "pytriton"}  # where they differ from the distribution's
 IMPORTED_FOR_CUDA_ONLY = {"torch"}
 DISTRIBUTION_ALTERNATIVES = {"onnxruntime": ("onnxruntime-gpu",)}
-ORT_GPU_INSTALL = "pip uninstall onnxruntime && pip install onnxruntime-gpu"
-SERVE_INSTALL = "pip install 'evit-deploy[serve]', or in a clone pip install -e '.[serve]'"
-PLOT_INSTALL = "pip install 'evit-deploy[plot]', or in a clone pip install -e '.[plot]'"
 MIN_GLIBC = (2, 35)  # what the Triton Inference Server bundled in PyTriton 0.7 needs
 NO_GPU = "no CUDA GPU visible to PyTorch"
 GPU_INSTALL = f"needs an NVIDIA GPU and {TORCH_CUDA_INSTALL}"
-OPENVINO_INSTALL = "pip install 'evit-deploy[openvino]'"
 
 
 @dataclass
@@ -107,7 +102,7 @@ def diagnose() -> DoctorReport:
         try:
             torch_cuda, gpus = probe_torch_gpus()
         except Exception as exc:  # installed, but importing it fails
-            packages[PACKAGES.index("torch")].error = f"{type(exc).__name__}: {_first_line(exc)}"
+            packages[PACKAGES.index("torch")].error = f"{type(exc).__name__}: {first_line(exc)}"
     libc, libc_version = platform.libc_ver()
     report = DoctorReport(
         evit_deploy=__version__,
@@ -240,7 +235,7 @@ def probe_package(name: str) -> Package:
     try:
         module = importlib.import_module(IMPORT_NAMES.get(name, name))
     except Exception as exc:  # e.g. TensorRT without its CUDA libraries
-        return Package(name, version, f"{type(exc).__name__}: {_first_line(exc)}")
+        return Package(name, version, f"{type(exc).__name__}: {first_line(exc)}")
     return Package(name, str(getattr(module, "__version__", version)))
 
 
@@ -301,7 +296,3 @@ def probe_ort_providers() -> list[str]:
 
     return list(onnxruntime.get_available_providers())
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""

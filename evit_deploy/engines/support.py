@@ -1,14 +1,9 @@
-"""What TensorRT engines need from the machine, and how to install what is missing. Kept free of
-imports beyond the standard library so `evit-deploy doctor` can use it on a broken install."""
+"""What TensorRT engines need from the machine. Kept free of imports beyond the standard library
+so `evit-deploy doctor` can use it on a broken install (install hints: evit_deploy/install.py)."""
 
 from __future__ import annotations
 
 MIN_TENSORRT_MAJOR = 10
-TENSORRT_INSTALL = "pip install 'evit-deploy[tensorrt]', or in a clone pip install -e '.[tensorrt]'"
-TORCH_CUDA_INSTALL = (
-    "a CUDA build of PyTorch and an NVIDIA driver "
-    "(pip install torch --index-url https://download.pytorch.org/whl/cu126)"
-)
 # GPUs on which TensorRT reports fast FP16: compute capability 5.3, 6.0, 6.2 and 7.0 or later.
 FAST_FP16_CAPABILITIES = {(5, 3), (6, 0), (6, 2)}
 

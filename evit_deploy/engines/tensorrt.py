@@ -34,14 +34,9 @@ from pathlib import Path
 from evit_deploy.engines.header import EngineHeader, read_engine_header, write_engine
 from evit_deploy.engines.precheck import precheck_onnx
 from evit_deploy.engines.settings import BuildSettings
-from evit_deploy.engines.support import (
-    MIN_TENSORRT_MAJOR,
-    TENSORRT_INSTALL,
-    TORCH_CUDA_INSTALL,
-    has_fast_fp16,
-    tensorrt_major,
-)
-from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.engines.support import MIN_TENSORRT_MAJOR, has_fast_fp16, tensorrt_major
+from evit_deploy.install import TENSORRT_INSTALL, TORCH_CUDA_INSTALL
+from evit_deploy.errors import EvitDeployError, UsageError, first_line
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
 
 # TensorRT 10.x: NetworkDefinitionCreationFlag.kSTRONGLY_TYPED = 1 (kEXPLICIT_BATCH = 0 is
@@ -140,7 +135,7 @@ def import_tensorrt():
     except ImportError:
         raise EvitDeployError(f"TensorRT is not installed ({TENSORRT_INSTALL})") from None
     except Exception as exc:  # installed, but its CUDA libraries do not load
-        raise EvitDeployError(f"TensorRT is installed but does not load ({_first_line(exc)})") from None
+        raise EvitDeployError(f"TensorRT is installed but does not load ({first_line(exc)})") from None
     if tensorrt_major(trt.__version__) < MIN_TENSORRT_MAJOR:
         raise EvitDeployError(f"TensorRT {trt.__version__} is too old ({TENSORRT_INSTALL})")
     return trt
@@ -505,7 +500,7 @@ def _serialize_timing_cache(config) -> bytes | None:
     try:
         return bytes(config.get_timing_cache().serialize())
     except Exception as exc:  # noqa: BLE001 - the cache is best effort
-        warnings.warn(f"the timing cache could not be serialized ({_first_line(exc)}); the engine is not affected", stacklevel=3)
+        warnings.warn(f"the timing cache could not be serialized ({first_line(exc)}); the engine is not affected", stacklevel=3)
         return None
 
 
@@ -524,7 +519,3 @@ def _save_timing_cache(path: Path, data: bytes | None) -> bool:
 def _one_line(text: str) -> str:
     return re.sub(r"\s+", " ", str(text)).strip()
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

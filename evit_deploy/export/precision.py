@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import TensorProto, helper
 
-from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.errors import EvitDeployError, UsageError, first_line
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata the torch.export exporter writes
 
@@ -459,7 +459,7 @@ def _check_conversion(converted: onnx.ModelProto, fp32_nodes: list[str], source:
         onnx.checker.check_model(converted)
         inferred = onnx.shape_inference.infer_shapes(converted, check_type=True, strict_mode=True)
     except Exception as exc:
-        raise EvitDeployError(f"the FP16 conversion produced an invalid graph ({_first_line(exc)})") from None
+        raise EvitDeployError(f"the FP16 conversion produced an invalid graph ({first_line(exc)})") from None
     io = lambda m: [(v.name, v.type.tensor_type.elem_type) for v in [*m.graph.input, *m.graph.output]]  # noqa: E731
     if io(converted) != io(source):
         raise EvitDeployError(f"the FP16 conversion changed the graph's I/O types: {io(source)} -> {io(converted)}")
@@ -480,7 +480,3 @@ def _attribute(node, name: str):
     attribute = next((a for a in node.attribute if a.name == name), None)
     return None if attribute is None else helper.get_attribute_value(attribute)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

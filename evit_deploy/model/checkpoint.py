@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from evit_deploy.errors import EvitDeployError
+from evit_deploy.errors import EvitDeployError, first_line
 from evit_deploy.model.config import ARCHS, EvitConfig, Preprocessing
 from evit_deploy.model.vit import EViT, init_random_weights
 
@@ -46,7 +46,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         except Exception as exc:
             raise CheckpointError(
-                f"cannot read safetensors file {path} (truncated or corrupted?): {_first_line(exc)}"
+                f"cannot read safetensors file {path} (truncated or corrupted?): {first_line(exc)}"
             ) from exc
     try:
         # Training checkpoints written by the official EViT/DeiT main.py also hold 'args', an
@@ -61,7 +61,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from exc
     except Exception as exc:  # malformed bytes also raise KeyError, IndexError, struct.error...
         raise CheckpointError(
-            f"cannot read checkpoint {path} (truncated or corrupted?): {_first_line(exc)}"
+            f"cannot read checkpoint {path} (truncated or corrupted?): {first_line(exc)}"
         ) from exc
     return unwrap_state_dict(obj, path)
 
@@ -259,9 +259,5 @@ def _unpickling_reason(exc: BaseException) -> str:
     unsupported opcode); torch's advice to retry with weights_only=False is left out."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     culprit = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
-    return culprit[0] if culprit else _first_line(exc)
+    return culprit[0] if culprit else first_line(exc)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

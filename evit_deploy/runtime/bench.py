@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from evit_deploy.errors import UsageError
+from evit_deploy.stats import latency_summary
 from evit_deploy.model.flops import count_macs, count_params
 from evit_deploy.preprocess import find_images
 from evit_deploy.runtime.backends import Backend, backend_for, load_backend
@@ -212,21 +213,12 @@ def summarize(backend: Backend, batch: int, seconds: np.ndarray) -> BenchResult:
         device=backend.device_name,
         batch=batch,
         iterations=len(ms),
-        latency_ms=_percentiles(ms),
+        latency_ms=latency_summary(ms),
         throughput_ips=batch / float(np.median(seconds)),
         gmacs=count_macs(config) / 1e9,
         params_m=count_params(config) / 1e6,
-        gpu_compute_ms=_percentiles(np.asarray(gpu_ms)) if gpu_ms else None,
+        gpu_compute_ms=latency_summary(gpu_ms) if gpu_ms else None,
     )
-
-
-def _percentiles(ms: np.ndarray) -> dict[str, float]:
-    return {
-        "mean": float(ms.mean()),
-        "p50": float(np.percentile(ms, 50)),
-        "p90": float(np.percentile(ms, 90)),
-        "p99": float(np.percentile(ms, 99)),
-    }
 
 
 def load_baseline(

@@ -29,6 +29,7 @@ import numpy as np
 
 from evit_deploy.export.score_path import LayerInfo, topk_score_layers
 from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.install import OPENVINO_INSTALL
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.runtime.backends import Backend
 
@@ -38,7 +39,6 @@ METADATA_KEY = "evit_deploy"  # IR: the metadata props under this rt_info sectio
 PRECISE = "precise_0"  # ov::DisableFP16Compression's runtime-info key
 TAIL_BF16 = "enforceBF16evenForGraphTail"  # CPU plugin: convert even nodes that feed an output
 OV_KINDS = {"TopK": "TOPK", "Softmax": "SOFTMAX", "MatMul": "MATRIX_MULTIPLY", "Constant": "CONSTANT"}
-OPENVINO_INSTALL = "pip install 'evit-deploy[openvino]'"
 
 
 def import_openvino():

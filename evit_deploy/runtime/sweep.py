@@ -141,7 +141,7 @@ def evaluate_variants(
 
 def check_plotting() -> None:
     """Fail before a long sweep, not after it, when matplotlib (the `plot` extra) is missing."""
-    from evit_deploy.doctor import PLOT_INSTALL
+    from evit_deploy.install import PLOT_INSTALL
 
     try:
         import matplotlib  # noqa: F401

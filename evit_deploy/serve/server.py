@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evit_deploy.doctor import SERVE_INSTALL
+from evit_deploy.install import SERVE_INSTALL
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.runtime import Predictor
 from evit_deploy.runtime.backends import backend_for
