@@ -34,7 +34,7 @@ from evit_deploy.preprocess import (
     SAMPLE_IMAGE, ImageTooLarge, load_image, preprocess, resize_and_crop,
 )
 from evit_deploy.runtime import Predictor
-from evit_deploy.runtime.backends import Backend
+from evit_deploy.runtime.base import Backend
 from evit_deploy.serve.rest import RequestError, decode_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / STD, written out

@@ -24,7 +24,9 @@ from evit_deploy.export import export_onnx
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model import EvitConfig, build_model
 from evit_deploy.preprocess import SAMPLE_IMAGE, preprocess
-from evit_deploy.runtime.backends import Backend, backend_for
+from evit_deploy.runtime.backends import backend_for, load_backend
+from evit_deploy.runtime.base import Backend
+from evit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from evit_deploy.runtime.bench import bench_artifact, interleaved_latencies, parse_batches
 from evit_deploy.runtime.labels import default_class_names, imagenet_classes
 from evit_deploy.runtime.onnxruntime_backend import choose_providers
@@ -355,6 +357,25 @@ def test_bench_evit_beside_cached_plain_baseline(artifacts, images, tmp_path, mo
     stamp = baselines[0].stat().st_mtime_ns
     bench_artifact(artifacts["onnx"], [1], iterations=1, warmup=0)
     assert baselines[0].stat().st_mtime_ns == stamp  # reused, not re-exported
+
+
+def test_a_closed_backend_releases_its_session_and_the_predictor_closes_its_backend(artifacts, images):
+    with load_backend(artifacts["onnx"]) as backend:
+        assert backend.run(images[:1]).shape == (1, 1000)
+    assert backend.session is None
+    with Predictor(artifacts["onnx"]) as predictor:
+        predictor.logits(images[:1])
+    assert predictor.backend.session is None
+
+
+def test_bench_closes_every_backend_it_loaded(artifacts, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(tmp_path / "cache"))
+    closed = []
+    monkeypatch.setattr(
+        OnnxRuntimeBackend, "close", lambda self: closed.append(self.metadata.keep_rate)
+    )
+    bench_artifact(artifacts["onnx"], [1], iterations=1, warmup=0)
+    assert sorted(closed) == [0.7, 1.0]
 
 
 def test_bench_cli_writes_json(artifacts, tmp_path):

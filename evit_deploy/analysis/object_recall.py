@@ -19,7 +19,7 @@ from evit_deploy.data.shapes import OBJECTS_FILE
 from evit_deploy.errors import EvitDeployError
 from evit_deploy.model.vit import kept_patch_ids
 from evit_deploy.preprocess import preprocess
-from evit_deploy.runtime.backends import Backend
+from evit_deploy.runtime.base import Backend
 
 CHUNK = 50
 

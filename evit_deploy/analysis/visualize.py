@@ -20,7 +20,8 @@ from evit_deploy.fileio import atomic_output, check_can_write
 from evit_deploy.model.config import EvitConfig
 from evit_deploy.model.vit import kept_patch_ids
 from evit_deploy.preprocess import load_image, preprocess, resize_and_crop
-from evit_deploy.runtime.backends import Backend, backend_for, load_backend
+from evit_deploy.runtime.backends import backend_for, load_backend
+from evit_deploy.runtime.base import Backend
 
 ALIVE, FUSED, MASKED = 0, 1, 2
 MASK_COLOR = (224, 224, 224)

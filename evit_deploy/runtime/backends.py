@@ -1,21 +1,15 @@
-"""One interface over every runtime, and the AutoBackend-style loader that picks one from the file.
-
-A backend turns an NCHW float32 batch into [B, num_classes] float32 logits. For benchmarking it
-also separates putting an input on the device (`prepare`) from running on it (`run_prepared`),
-so timings cover the model alone.
-"""
+"""The AutoBackend-style loader: picks the runtime for an artifact from its file (or the name
+given) and loads it behind the one Backend interface (base.py)."""
 
 from __future__ import annotations
 
 import inspect
 import re
-from abc import ABC, abstractmethod
 from pathlib import Path
 
-import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.metadata import ArtifactMetadata
+from evit_deploy.runtime.base import Backend
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "pytorch")
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -28,44 +22,6 @@ SUFFIX_BACKEND = {
     ".pth": "pytorch",
     ".safetensors": "pytorch",
 }
-
-
-class Backend(ABC):
-    """A loaded artifact, ready to run."""
-
-    name: str  # onnxruntime | tensorrt | pytorch
-    metadata: ArtifactMetadata
-    provider: str = "cpu"  # execution provider / device string
-    precision: str = "fp32"
-    device_name: str = "cpu"
-    min_batch: int = 1
-    max_batch: int | None = None  # None: any batch size
-    thread_safe: bool = True  # False: the Predictor serialises calls
-
-    @abstractmethod
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a float32 NCHW batch whose size is within [min_batch, max_batch]."""
-
-    def prepare(self, batch: np.ndarray) -> object:
-        """Put an input where `run_prepared` wants it (device memory, dtype)."""
-        return batch
-
-    def run_prepared(self, prepared: object) -> None:
-        """Run on a prepared input and wait until the result is ready (what bench times)."""
-        self.run(prepared)
-
-    def take_gpu_compute_ms(self) -> list[float]:
-        """GPU compute times (ms) of the runs since the last call, where the backend measures
-        them with device events (TensorRT); empty elsewhere."""
-        return []
-
-    def describe(self) -> dict:
-        return {
-            "backend": self.name,
-            "provider": self.provider,
-            "precision": self.precision,
-            "device": self.device_name,
-        }
 
 
 def backend_for(path: Path, backend: str) -> str:
@@ -126,16 +82,3 @@ def load_backend(path: str | Path, backend: str = "auto", device: str | None = N
             f"{', '.join(sorted(accepted)) or 'no options'}"
         )
     return backend_class(path, device=device, **options)
-
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (platform.processor() is often empty on Linux)."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -11,6 +11,7 @@ its `to_dict` is the one JSON schema of both (README, "bench JSON").
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,8 @@ from evit_deploy.errors import UsageError
 from evit_deploy.stats import latency_summary
 from evit_deploy.model.flops import count_macs, count_params
 from evit_deploy.preprocess import find_images
-from evit_deploy.runtime.backends import Backend, backend_for, load_backend
+from evit_deploy.runtime.backends import backend_for, load_backend
+from evit_deploy.runtime.base import Backend
 from evit_deploy.runtime.end_to_end import EndToEndResult, time_end_to_end
 
 DEFAULT_MIN_SECONDS = 3.0
@@ -306,21 +308,22 @@ def bench_artifact(
     REFERENCE, all interleaved. With `end_to_end_dir`, also the whole path from its image files
     to top-k classes."""
     path = Path(path)
-    primary = load_backend(path, backend, device, **options)
-    files, variants = [path], [primary]
-    if baseline and primary.metadata.to_config().is_evit:
-        on_step("loading the plain ViT")
-        plain_path, plain = load_baseline(primary, path, backend, device, options)
-        files.append(plain_path)
-        variants.append(plain)
-        if runs_on_cpu(primary) and not is_reference_kind(plain.name, plain.provider, plain.precision):
-            on_step("loading the reference: plain FP32 on ONNX Runtime")
-            reference_path, reference = load_reference(primary, options)
-            files.append(reference_path)
-            variants.append(reference)
-    report = BenchReport(runs=[], variants=[describe_variant(f, v) for f, v in zip(files, variants)])
-    time_variants(
-        report, variants, batches, warmup, iterations, min_seconds, end_to_end_dir,
-        options.get("threads"), seed, on_step,
-    )
+    with contextlib.ExitStack() as loaded:
+        primary = loaded.enter_context(load_backend(path, backend, device, **options))
+        files, variants = [path], [primary]
+        if baseline and primary.metadata.to_config().is_evit:
+            on_step("loading the plain ViT")
+            plain_path, plain = load_baseline(primary, path, backend, device, options)
+            files.append(plain_path)
+            variants.append(loaded.enter_context(plain))
+            if runs_on_cpu(primary) and not is_reference_kind(plain.name, plain.provider, plain.precision):
+                on_step("loading the reference: plain FP32 on ONNX Runtime")
+                reference_path, reference = load_reference(primary, options)
+                files.append(reference_path)
+                variants.append(loaded.enter_context(reference))
+        report = BenchReport(runs=[], variants=[describe_variant(f, v) for f, v in zip(files, variants)])
+        time_variants(
+            report, variants, batches, warmup, iterations, min_seconds, end_to_end_dir,
+            options.get("threads"), seed, on_step,
+        )
     return report

@@ -22,7 +22,7 @@ import numpy as np
 
 from evit_deploy.errors import EvitDeployError
 from evit_deploy.preprocess import load_image, normalised
-from evit_deploy.runtime.backends import Backend
+from evit_deploy.runtime.base import Backend
 from evit_deploy.runtime.predictor import Predictor
 
 STAGES = ("decode", "preprocess", "inference", "topk")

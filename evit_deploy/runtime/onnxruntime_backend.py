@@ -10,7 +10,7 @@ import numpy as np
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export.precision import model_precision
 from evit_deploy.metadata import ArtifactMetadata, load_onnx, onnx_metadata
-from evit_deploy.runtime.backends import Backend, cpu_name
+from evit_deploy.runtime.base import Backend, cpu_name
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {
@@ -87,6 +87,9 @@ class OnnxRuntimeBackend(Backend):
         self.precision = meta_precision if meta_precision != "fp32" else model_precision(graph)
         self.input_name = self.metadata.input_name
         self.output_name = self.metadata.output_name
+
+    def close(self) -> None:
+        self.session = None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]

@@ -31,7 +31,7 @@ from evit_deploy.export.score_path import LayerInfo, topk_score_layers
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.install import OPENVINO_INSTALL
 from evit_deploy.metadata import ArtifactMetadata
-from evit_deploy.runtime.backends import Backend
+from evit_deploy.runtime.base import Backend, cpu_name
 
 PRECISIONS = ("fp32", "bf16")
 HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -231,7 +231,6 @@ class OpenVINOBackend(Backend):
     ):
         if device not in (None, "auto", "cpu"):
             raise UsageError(f"the openvino backend runs on the CPU here; got --device {device}")
-        from evit_deploy.runtime.backends import cpu_name
 
         self.path = Path(path)
         self.precision = check_precision(precision)
@@ -258,6 +257,9 @@ class OpenVINOBackend(Backend):
             self.precision = f"{self.metadata.precision}+{precision}" if precision != "fp32" else self.metadata.precision
         self.device_name = cpu_name()
         self.output_port = self.compiled.output(self.metadata.output_name)
+
+    def close(self) -> None:
+        self.request = self.compiled = self.output_port = None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         result = self.request.infer({self.metadata.input_name: batch})

@@ -18,7 +18,8 @@ import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.preprocess import preprocess
-from evit_deploy.runtime.backends import Backend, load_backend
+from evit_deploy.runtime.backends import load_backend
+from evit_deploy.runtime.base import Backend
 from evit_deploy.runtime.labels import class_names
 
 
@@ -77,15 +78,29 @@ class Predictor:
 
     def predict(self, images, topk: int = 5) -> list[Prediction]:
         """Top-k classes for one image or a list: file paths, PIL images, HWC uint8 arrays."""
+        return self.classify(self.logits(self.preprocess(images)), topk)
+
+    def preprocess(self, images) -> np.ndarray:
+        """Images (paths, PIL images, HWC uint8 arrays) -> the normalised batch `logits` takes,
+        with the artifact's own transform (input size, crop, mean/std, interpolation)."""
         if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
             images = [images]
         if not images:
             raise EvitDeployError("no images given")
         meta = self.metadata
-        batch = preprocess(
+        return preprocess(
             images, meta.img_size, meta.mean, meta.std, meta.crop_pct, meta.interpolation
         )
-        return self.classify(self.logits(batch), topk)
+
+    def close(self) -> None:
+        """Release the backend's runtime resources now (see Backend.close)."""
+        self.backend.close()
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def classify(self, logits: np.ndarray, topk: int = 5) -> list[Prediction]:
         """Softmax top-k of logits, with class names."""

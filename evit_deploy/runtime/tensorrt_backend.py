@@ -19,7 +19,7 @@ import numpy as np
 from evit_deploy.engines.header import check_compatible, read_engine
 from evit_deploy.engines.tensorrt import require_tensorrt_gpu, tensorrt_logger, torch_dtype_name
 from evit_deploy.errors import EvitDeployError
-from evit_deploy.runtime.backends import Backend
+from evit_deploy.runtime.base import Backend
 
 
 class TensorRTBackend(Backend):
@@ -127,6 +127,14 @@ class TensorRTBackend(Backend):
             )
         self._gpu_ms.append(self._start.elapsed_time(self._end))
         return outputs
+
+    def close(self) -> None:
+        """The execution context before the engine, the engine before the runtime (TensorRT's
+        order), then the output buffers."""
+        self.context = None
+        self.engine = None
+        self._runtime = None
+        self._buffers.clear()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.run_all(batch)[self.metadata.output_name]

@@ -15,7 +15,7 @@ from evit_deploy.errors import UsageError
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model.checkpoint import build_model, checkpoint_config
 from evit_deploy.model.config import DEFAULT_DROP_LOC
-from evit_deploy.runtime.backends import Backend, cpu_name
+from evit_deploy.runtime.base import Backend, cpu_name
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -65,6 +65,11 @@ class TorchBackend(Backend):
         self.provider = str(self.device) + (" (torch.compile)" if compile else " (eager)")
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else cpu_name()
         self.forward = torch.compile(self.model) if compile else self.model
+
+    def close(self) -> None:
+        self.model = self.forward = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def prepare(self, batch: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self.dtype)

@@ -1,0 +1,73 @@
+"""The interface every runtime implements: an NCHW float32 batch in, [B, num_classes] float32
+logits out. For benchmarking it also separates putting an input on the device (`prepare`) from
+running on it (`run_prepared`), so timings cover the model alone."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from evit_deploy.metadata import ArtifactMetadata
+
+
+class Backend(ABC):
+    """A loaded artifact, ready to run."""
+
+    name: str  # onnxruntime | tensorrt | pytorch
+    metadata: ArtifactMetadata
+    provider: str = "cpu"  # execution provider / device string
+    precision: str = "fp32"
+    device_name: str = "cpu"
+    min_batch: int = 1
+    max_batch: int | None = None  # None: any batch size
+    thread_safe: bool = True  # False: the Predictor serialises calls
+
+    @abstractmethod
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a float32 NCHW batch whose size is within [min_batch, max_batch]."""
+
+    def prepare(self, batch: np.ndarray) -> object:
+        """Put an input where `run_prepared` wants it (device memory, dtype)."""
+        return batch
+
+    def run_prepared(self, prepared: object) -> None:
+        """Run on a prepared input and wait until the result is ready (what bench times)."""
+        self.run(prepared)
+
+    def take_gpu_compute_ms(self) -> list[float]:
+        """GPU compute times (ms) of the runs since the last call, where the backend measures
+        them with device events (TensorRT); empty elsewhere."""
+        return []
+
+    def close(self) -> None:
+        """Release what the runtime holds (compiled models, device memory, sessions) now rather
+        than at garbage collection: bench holds two backends at once, serve replaces them."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.name,
+            "provider": self.provider,
+            "precision": self.precision,
+            "device": self.device_name,
+        }
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (platform.processor() is often empty on Linux)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
