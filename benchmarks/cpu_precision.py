@@ -37,7 +37,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # precision_gates beside this file
 
 from evit_deploy.export import export_onnx  # noqa: E402
-from evit_deploy.export.onnx import stamp_metadata  # noqa: E402
+from evit_deploy.metadata import stamp_metadata  # noqa: E402
 from evit_deploy.metadata import load_onnx, onnx_metadata  # noqa: E402
 from evit_deploy.export.quantize import quantize_graph  # noqa: E402
 from evit_deploy.model import EvitConfig, build_model  # noqa: E402

@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 import torch
 
-from evit_deploy.export.onnx import TRACE_BATCH, export_graph, simplify, stamp_metadata, topk_constant_ks
+from evit_deploy.export.onnx import TRACE_BATCH, export_graph, simplify, topk_constant_ks
+from evit_deploy.metadata import stamp_metadata
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.export.validate import validate_onnx
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME

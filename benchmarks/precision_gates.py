@@ -31,7 +31,8 @@ import onnx
 
 from evit_deploy.export import export_onnx
 from evit_deploy.export.quantize import METHODS, quantize_onnx
-from evit_deploy.export.validate import GATES, onnx_runner, openvino_runner, validate
+from evit_deploy.export.validate import GATES, onnx_runner, validate
+from evit_deploy.runtime.openvino_backend import openvino_runner
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model import EvitConfig, build_model
 from evit_deploy.runtime.cpu_features import probe_cpu

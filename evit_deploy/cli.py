@@ -651,7 +651,8 @@ def evaluate_accuracy(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from evit_deploy.analysis.evaluate import evaluate, find_samples, spread_subset
+    from evit_deploy.analysis.evaluate import evaluate
+    from evit_deploy.data.samples import find_samples, spread_subset
     from evit_deploy.runtime import Predictor
 
     settings = checkpoint_settings(artifact, backend, model, keep_rate, drop_loc, fuse_token, img_size)

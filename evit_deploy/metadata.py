@@ -170,6 +170,17 @@ def read_onnx_metadata(path: str | Path) -> ArtifactMetadata:
     return onnx_metadata(load_onnx(path), path)
 
 
+def stamp_metadata(model, metadata: ArtifactMetadata) -> None:
+    """Write `metadata` into a loaded ONNX model (onnx.ModelProto), replacing what it carried."""
+    import onnx
+
+    del model.metadata_props[:]
+    for key, value in metadata.to_props().items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    model.producer_name = "evit-deploy"
+    model.producer_version = metadata.evit_deploy_version
+
+
 def onnx_metadata(model, source: str | Path) -> ArtifactMetadata:
     """The evit-deploy metadata stamped on a loaded ONNX model (onnx.ModelProto); refused when it
     has none."""

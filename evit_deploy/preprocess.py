@@ -16,29 +16,11 @@ from evit_deploy.model.config import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 
 ASSETS = Path(__file__).parent / "assets"
 SAMPLE_IMAGE = ASSETS / "grace_hopper.jpg"  # public-domain photograph (US Navy), as in matplotlib
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard (load_image checks it): about 8000 x 8000
 # Longer side over shorter side. The center crop of a thinner image keeps under 1/20 of it, and a
 # 1 x 200000 PNG is a few hundred bytes: refused as a user error rather than classified.
 MAX_ASPECT_RATIO = 20
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-
-
-def find_images(folder: str | Path) -> list[Path]:
-    """Every image file under `folder` (recursively, hidden entries skipped), sorted by path."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise EvitDeployError(f"image folder not found: {folder}")
-    files = sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    if not files:
-        raise EvitDeployError(
-            f"no images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
-    return files
 
 
 def load_image(image) -> Image.Image:

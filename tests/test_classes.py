@@ -11,13 +11,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import TINY, assert_one_line_error, config_for, fresh_model, run_cli
-from evit_deploy.analysis.evaluate import find_samples
+from evit_deploy.data.samples import find_samples
 from evit_deploy.errors import EvitDeployError
 from evit_deploy.export import export_onnx
 from evit_deploy.metadata import read_onnx_metadata
 from evit_deploy.model import build_model
 from evit_deploy.runtime import Predictor
-from evit_deploy.runtime.labels import class_names
+from evit_deploy.data.labels import class_names
 
 NAMES = ["zebra", "apple", "mango", "kiwi", "lemon", "fig", "date", "plum"]  # not in sorted order
 

@@ -47,7 +47,8 @@ from evit_deploy.engines.settings import BatchProfile, BuildSettings
 from evit_deploy.engines.support import has_fast_fp16
 from evit_deploy.engines.tensorrt import CudaGpu, default_engine_path, torch_dtype_name
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.onnx import stamp_metadata, topk_constant_ks
+from evit_deploy.export.onnx import topk_constant_ks
+from evit_deploy.metadata import stamp_metadata
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model import EvitConfig, build_model
 

@@ -12,18 +12,13 @@ from conftest import TINY, config_for, random_model
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from evit_deploy.analysis.evaluate import (
-    Sample,
-    evaluate,
-    find_samples,
-    read_labels_file,
-    spread_subset,
-)
+from evit_deploy.analysis.evaluate import evaluate
 from evit_deploy.cli import app
+from evit_deploy.data.labels import imagenet_classes
+from evit_deploy.data.samples import Sample, find_samples, read_labels_file, spread_subset
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.preprocess import preprocess
 from evit_deploy.runtime import Predictor
-from evit_deploy.runtime.labels import imagenet_classes
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights")
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from evit_deploy.cli import app
 from evit_deploy.engines.header import EngineHeader, encode_header
 from evit_deploy.engines.settings import BuildSettings
-from evit_deploy.export.onnx import stamp_metadata
+from evit_deploy.metadata import stamp_metadata
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model import EvitConfig, build_model
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import assert_one_line_error, config_for, natural_images, random_images, run_cli
 from evit_deploy.errors import UsageError
 from evit_deploy.export.score_path import score_path_nodes
-from evit_deploy.export.validate import openvino_runner
+from evit_deploy.runtime.openvino_backend import openvino_runner
 from evit_deploy.runtime import Predictor, load_backend
 from evit_deploy.runtime.cpu_features import FEATURES, CpuFeatures, probe_cpu
 

@@ -286,7 +286,7 @@ def test_the_onnxruntime_backend_takes_the_fp16_onnx_as_it_is(graphs, images, tm
     """The backend reports the graph's precision (its I/O is float32 either way) and hands every
     provider, TensorRT and CUDA included, the file itself with no FP16 option: the graph's types
     are the precision. Runs here on the CPU provider."""
-    from evit_deploy.export.onnx import stamp_metadata
+    from evit_deploy.metadata import stamp_metadata
     from evit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     proto = convert_to_fp16(graphs["torchscript-slim"]).model

@@ -16,7 +16,7 @@ import evit_deploy.export.onnx
 from evit_deploy.cli import app
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.runtime import Predictor
-from evit_deploy.runtime.labels import imagenet_classes
+from evit_deploy.data.labels import imagenet_classes
 from evit_deploy.runtime.sweep import check_plotting, parse_keep_rates
 
 runner = CliRunner()

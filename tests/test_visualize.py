@@ -21,7 +21,7 @@ from evit_deploy.analysis.visualize import (
 )
 from evit_deploy.cli import app
 from evit_deploy.errors import EvitDeployError
-from evit_deploy.export.onnx import stamp_metadata
+from evit_deploy.metadata import stamp_metadata
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.preprocess import preprocess, resize_and_crop
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evit_deploy.data.samples import spread_subset
 from evit_deploy.data.shapes import OBJECTS_FILE
 from evit_deploy.errors import EvitDeployError
 from evit_deploy.model.vit import kept_patch_ids
@@ -82,7 +83,6 @@ def object_recall(source: Backend, data_dir: str | Path, limit: int | None = Non
     """Object recall per drop block of a token source (analysis.visualize.load_token_source) on
     the images listed in data_dir/objects.json (`limit` of them spread over the list, as eval
     picks them)."""
-    from evit_deploy.analysis.evaluate import spread_subset
     from evit_deploy.analysis.visualize import kept_token_indices
 
     meta = source.metadata

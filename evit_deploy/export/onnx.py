@@ -24,9 +24,9 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export.precision import DEFAULT_ISLANDS, ISLANDS, NAME_SCOPES, convert_to_fp16, module_scopes
 from evit_deploy.export.validate import GATES, ValidationFailed, ValidationReport, validate_onnx
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
-from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
+from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, stamp_metadata
 from evit_deploy.model.vit import EViT
-from evit_deploy.preprocess import find_images
+from evit_deploy.data.samples import find_images
 
 # The torch.export-based exporter writes opset 18 and up (its down-conversion to 17 fails on
 # EViT's graph); LayerNormalization is one node from 17 on, which TensorRT FP16 needs.
@@ -152,14 +152,6 @@ def topk_constant_ks(model: onnx.ModelProto) -> list[int]:
             )
         ks.append(int(np.asarray(numpy_helper.to_array(initializers[k_name])).reshape(-1)[0]))
     return ks
-
-
-def stamp_metadata(model: onnx.ModelProto, metadata: ArtifactMetadata) -> None:
-    del model.metadata_props[:]
-    for key, value in metadata.to_props().items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    model.producer_name = "evit-deploy"
-    model.producer_version = metadata.evit_deploy_version
 
 
 def check_precision(precision: str, fp32_islands: Sequence[str], validate_dir: str | Path | None) -> None:

@@ -33,13 +33,12 @@ import numpy as np
 import onnx
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.onnx import stamp_metadata
-from evit_deploy.metadata import load_onnx, onnx_metadata
 from evit_deploy.export.score_path import score_path_nodes
 from evit_deploy.export.validate import GATES, Gates, ValidationFailed, ValidationReport, onnx_runner, validate
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
-from evit_deploy.metadata import ArtifactMetadata
-from evit_deploy.preprocess import find_images, preprocess
+from evit_deploy.metadata import ArtifactMetadata, load_onnx, onnx_metadata, stamp_metadata
+from evit_deploy.data.samples import find_images
+from evit_deploy.preprocess import preprocess
 
 METHODS = ("static", "dynamic", "nncf")
 CALIBRATION_CHUNK = 16  # images preprocessed and run per calibration step

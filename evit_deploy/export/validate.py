@@ -29,7 +29,8 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 from evit_deploy.model.config import EvitConfig
 from evit_deploy.model.vit import kept_patch_ids
-from evit_deploy.preprocess import SAMPLE_IMAGE, find_images, load_image, preprocess
+from evit_deploy.data.samples import find_images, find_samples
+from evit_deploy.preprocess import SAMPLE_IMAGE, load_image, preprocess
 
 REL_TOLERANCE = 1e-4  # FP32: max |candidate - reference| <= REL_TOLERANCE * max |reference|
 NEAR_TIE_GAP = 1e-4  # relative gap between the K-th and (K+1)-th class attention at the boundary
@@ -289,8 +290,6 @@ def validation_inputs(
 
 def labelled_images(folder: str | Path, meta: ArtifactMetadata) -> tuple[list[Path], np.ndarray | None]:
     """Every image under `folder`, with class ids where eval would find them (else None)."""
-    from evit_deploy.analysis.evaluate import find_samples
-
     try:
         samples = find_samples(folder, meta.num_classes, None, meta.classes)
     except EvitDeployError:
@@ -333,36 +332,6 @@ def onnx_runner(model: onnx.ModelProto | bytes, providers: tuple[str, ...] = ("C
     def run(images: np.ndarray) -> Outputs:
         logits, *indices = session.run([OUTPUT_NAME, *index_names], {INPUT_NAME: images})
         return Outputs(np.asarray(logits, dtype=np.float32), indices)
-
-    return run
-
-
-def openvino_runner(
-    path: str | Path,
-    precision: str = "fp32",
-    fp32_topk_scores: bool = True,
-    threads: int | None = None,
-) -> Runner:
-    """An .onnx (or IR .xml) on OpenVINO's CPU plugin at `precision`, each TopK's indices exposed
-    as extra outputs without changing the precision any node runs in (so BF16 is judged as the
-    openvino backend runs it)."""
-    from evit_deploy.runtime.openvino_backend import check_precision, compile_model, read_model, topk_ops
-
-    model, meta = read_model(path)
-    check_precision(precision)
-    index_names = [op.output(1) for op in topk_ops(model)]
-    compiled = compile_model(model, precision, threads, fp32_topk_scores, index_outputs=True)
-    outputs = list(compiled.outputs)
-    logits_port = compiled.output(meta.output_name)
-    index_ports = outputs[len(outputs) - len(index_names):]
-    request = compiled.create_infer_request()
-
-    def run(images: np.ndarray) -> Outputs:
-        result = request.infer({meta.input_name: images})
-        return Outputs(
-            np.asarray(result[logits_port], dtype=np.float32),
-            [np.asarray(result[port]).astype(np.int64) for port in index_ports],
-        )
 
     return run
 

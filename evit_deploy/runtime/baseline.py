@@ -93,7 +93,7 @@ def quantized_baseline_onnx(metadata: ArtifactMetadata) -> Path:
     change the speed. Cached beside the FP32 baselines."""
     import numpy as np
 
-    from evit_deploy.export.onnx import stamp_metadata
+    from evit_deploy.metadata import stamp_metadata
     from evit_deploy.metadata import load_onnx, onnx_metadata
     from evit_deploy.export.quantize import quantize_graph
     from evit_deploy.fileio import write_bytes_atomic

@@ -22,7 +22,7 @@ import numpy as np
 from evit_deploy.errors import UsageError
 from evit_deploy.stats import latency_summary
 from evit_deploy.model.flops import count_macs, count_params
-from evit_deploy.preprocess import find_images
+from evit_deploy.data.samples import find_images
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.base import Backend
 from evit_deploy.runtime.end_to_end import EndToEndResult, time_end_to_end

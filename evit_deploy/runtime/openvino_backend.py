@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from evit_deploy.export.score_path import LayerInfo, topk_score_layers
+from evit_deploy.export.validate import Outputs, Runner
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.install import OPENVINO_INSTALL
 from evit_deploy.metadata import ArtifactMetadata
@@ -283,3 +284,30 @@ def save_ir(model, metadata: ArtifactMetadata, xml: str | Path) -> Path:
     ov.save_model(model, str(xml), compress_to_fp16=False)
     return Path(xml)
 
+
+def openvino_runner(
+    path: str | Path,
+    precision: str = "fp32",
+    fp32_topk_scores: bool = True,
+    threads: int | None = None,
+) -> Runner:
+    """An .onnx (or IR .xml) on OpenVINO's CPU plugin at `precision`, each TopK's indices exposed
+    as extra outputs without changing the precision any node runs in (so BF16 is judged as the
+    openvino backend runs it)."""
+    model, meta = read_model(path)
+    check_precision(precision)
+    index_names = [op.output(1) for op in topk_ops(model)]
+    compiled = compile_model(model, precision, threads, fp32_topk_scores, index_outputs=True)
+    outputs = list(compiled.outputs)
+    logits_port = compiled.output(meta.output_name)
+    index_ports = outputs[len(outputs) - len(index_names):]
+    request = compiled.create_infer_request()
+
+    def run(images: np.ndarray) -> Outputs:
+        result = request.infer({meta.input_name: images})
+        return Outputs(
+            np.asarray(result[logits_port], dtype=np.float32),
+            [np.asarray(result[port]).astype(np.int64) for port in index_ports],
+        )
+
+    return run

@@ -20,7 +20,7 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.preprocess import preprocess
 from evit_deploy.runtime.backends import load_backend
 from evit_deploy.runtime.base import Backend
-from evit_deploy.runtime.labels import class_names
+from evit_deploy.data.labels import class_names
 
 
 @dataclass(frozen=True)

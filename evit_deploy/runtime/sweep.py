@@ -126,7 +126,8 @@ def evaluate_variants(
     device: str | None,
     on_step: Callable[[str], None],
 ) -> dict[float, dict]:
-    from evit_deploy.analysis.evaluate import evaluate, find_samples
+    from evit_deploy.analysis.evaluate import evaluate
+    from evit_deploy.data.samples import find_samples
     from evit_deploy.runtime.predictor import Predictor
 
     accuracy, samples = {}, None

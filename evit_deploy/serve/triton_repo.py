@@ -32,7 +32,7 @@ from pathlib import Path
 
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.metadata import ArtifactMetadata
-from evit_deploy.runtime.labels import class_names
+from evit_deploy.data.labels import class_names
 
 ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8", 9: "TYPE_BOOL"}
 KINDS = ("auto", "gpu", "cpu")

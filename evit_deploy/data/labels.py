@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from functools import cache
 
-from evit_deploy.preprocess import ASSETS
+from pathlib import Path
 
-IMAGENET_CLASSES = ASSETS / "imagenet_classes.tsv"
+IMAGENET_CLASSES = Path(__file__).resolve().parents[1] / "assets" / "imagenet_classes.tsv"
 
 
 @cache
