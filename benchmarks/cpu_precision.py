@@ -42,7 +42,7 @@ from evit_deploy.metadata import load_onnx, onnx_metadata  # noqa: E402
 from evit_deploy.export.quantize import quantize_graph  # noqa: E402
 from evit_deploy.model import EvitConfig, build_model  # noqa: E402
 from evit_deploy.model.flops import count_macs  # noqa: E402
-from evit_deploy.runtime.bench import interleaved_latencies, parse_batches  # noqa: E402
+from evit_deploy.bench.bench import interleaved_latencies, parse_batches  # noqa: E402
 from evit_deploy.runtime.cpu_features import probe_cpu  # noqa: E402
 from evit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 

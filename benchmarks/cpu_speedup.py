@@ -27,7 +27,7 @@ from evit_deploy.export import export_onnx
 from evit_deploy.model import EvitConfig, build_model
 from evit_deploy.model.flops import count_macs
 from evit_deploy.runtime.base import cpu_name
-from evit_deploy.runtime.bench import interleaved_latencies, parse_batches
+from evit_deploy.bench.bench import interleaved_latencies, parse_batches
 from evit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from evit_deploy.runtime.torch_backend import TorchBackend
 

@@ -30,7 +30,7 @@ from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.export.validate import validate_onnx
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME
 from evit_deploy.model import EvitConfig, build_model
-from evit_deploy.runtime.bench import interleaved_latencies, parse_batches
+from evit_deploy.bench.bench import interleaved_latencies, parse_batches
 from evit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 

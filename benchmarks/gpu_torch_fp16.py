@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from evit_deploy.model.vit import kept_patch_ids
-from evit_deploy.runtime.bench import interleaved_latencies, summarize
+from evit_deploy.bench.bench import interleaved_latencies, summarize
 from evit_deploy.runtime.torch_backend import TorchBackend
 
 

@@ -487,8 +487,8 @@ def bench(
     """Latency percentiles and throughput, EViT beside plain ViT, timed interleaved; with
     --end-to-end also from image files to top-k, stage by stage."""
     from evit_deploy.fileio import check_can_write
-    from evit_deploy.runtime.bench import REFERENCE, bench_artifact, parse_batches
-    from evit_deploy.runtime.sweep import check_plotting, parse_keep_rates, plot_sweep, sweep_keep_rates
+    from evit_deploy.bench.bench import REFERENCE, bench_artifact, parse_batches
+    from evit_deploy.bench.sweep import check_plotting, parse_keep_rates, plot_sweep, sweep_keep_rates
 
     batches = parse_batches(batch)
     settings = checkpoint_settings(artifact, backend, model, keep_rate, drop_loc, fuse_token, img_size)
@@ -537,7 +537,7 @@ def bench(
 
 def print_end_to_end(report, folder: Path) -> None:
     """The per-stage table beside the model-only throughput, and what survives of the speed-up."""
-    from evit_deploy.runtime.end_to_end import STAGE_NAMES, STAGES, TOPK
+    from evit_deploy.bench.end_to_end import STAGE_NAMES, STAGES, TOPK
 
     first = report.end_to_end[0]
     model_only = {(r.keep_rate, r.batch, r.backend, r.precision): r.throughput_ips for r in report.runs}

@@ -83,3 +83,12 @@ def write_bytes_atomic(path: str | Path, data: bytes, force: bool = False) -> Pa
     with atomic_output(path, force) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def cache_dir() -> Path:
+    """$EVIT_DEPLOY_CACHE, else ~/.cache/evit-deploy (XDG_CACHE_HOME respected)."""
+    root = os.environ.get("EVIT_DEPLOY_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "evit-deploy"

@@ -31,6 +31,7 @@ from conftest import export_torchscript
 
 from evit_deploy.cli import app
 from evit_deploy.engines import header as header_module
+from evit_deploy.bench.baseline import baseline_engine
 from evit_deploy.engines import tensorrt as engines_trt
 from evit_deploy.engines.header import (
     MAGIC,
@@ -617,7 +618,7 @@ def test_baseline_engine_gets_the_islands_of_an_fp16_export(traced_onnx, tmp_pat
     """The plain-ViT engine `bench` compares with is converted with the EViT engine's islands,
     also when those came from an FP16 ONNX (here a stand-in for the baseline ONNX: the same file)."""
     from evit_deploy.export.precision import convert_to_fp16
-    from evit_deploy.runtime import baseline
+    from evit_deploy.bench import baseline
 
     fp16_onnx = tmp_path / "tiny_fp16.onnx"
     onnx.save(convert_to_fp16(onnx.load(str(traced_onnx)), ("topk_scores", "layernorm")).model, str(fp16_onnx))
@@ -627,7 +628,7 @@ def test_baseline_engine_gets_the_islands_of_an_fp16_export(traced_onnx, tmp_pat
     plain.parent.mkdir(parents=True, exist_ok=True)
     plain.write_bytes(traced_onnx.read_bytes())
     monkeypatch.setattr(baseline, "baseline_onnx", lambda metadata: plain)
-    header = read_engine_header(engines_trt.build_baseline_engine(engine))
+    header = read_engine_header(baseline.baseline_engine(engine))
     assert header.fp32_islands == ["topk_scores", "layernorm"] and header.settings.fp32_islands == ("topk_scores", "layernorm")
 
 
@@ -858,9 +859,9 @@ def test_engine_batches_resize_and_split(real_engines):
 
 @gpu_tensorrt
 def test_baseline_engine_has_the_same_settings(real_engines):
-    path = engines_trt.build_baseline_engine(real_engines["fp16"])
+    path = baseline_engine(real_engines["fp16"])
     baseline, evit = read_engine_header(path), read_engine_header(real_engines["fp16"])
     assert baseline.metadata.keep_rate == 1.0 and baseline.metadata.topk_k == []
     assert baseline.settings == evit.settings and baseline.precision == evit.precision
     assert baseline.fp32_layers == []  # no TopK, nothing to pin
-    assert engines_trt.build_baseline_engine(real_engines["fp16"]) == path  # cached
+    assert baseline_engine(real_engines["fp16"]) == path  # cached

@@ -27,7 +27,7 @@ from evit_deploy.preprocess import SAMPLE_IMAGE, preprocess
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.base import Backend
 from evit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from evit_deploy.runtime.bench import bench_artifact, interleaved_latencies, parse_batches
+from evit_deploy.bench.bench import bench_artifact, interleaved_latencies, parse_batches
 from evit_deploy.data.labels import default_class_names, imagenet_classes
 from evit_deploy.runtime.onnxruntime_backend import choose_providers
 from reference_evit import reference_forward

@@ -17,7 +17,7 @@ from evit_deploy.cli import app
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.runtime import Predictor
 from evit_deploy.data.labels import imagenet_classes
-from evit_deploy.runtime.sweep import check_plotting, parse_keep_rates
+from evit_deploy.bench.sweep import check_plotting, parse_keep_rates
 
 runner = CliRunner()
 FAST = ["--iters", "2", "--warmup", "0"]

@@ -17,9 +17,6 @@ so everything else works without it.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import re
 import signal
 import threading
@@ -31,13 +28,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evit_deploy.engines.header import EngineHeader, read_engine_header, write_engine
+from evit_deploy.engines.header import EngineHeader, write_engine
 from evit_deploy.engines.precheck import precheck_onnx
 from evit_deploy.engines.settings import BuildSettings
 from evit_deploy.engines.support import MIN_TENSORRT_MAJOR, has_fast_fp16, tensorrt_major
 from evit_deploy.install import TENSORRT_INSTALL, TORCH_CUDA_INSTALL
 from evit_deploy.errors import EvitDeployError, UsageError, first_line
-from evit_deploy.fileio import check_can_write, write_bytes_atomic
+from evit_deploy.fileio import cache_dir, check_can_write, write_bytes_atomic
 
 # TensorRT 10.x: NetworkDefinitionCreationFlag.kSTRONGLY_TYPED = 1 (kEXPLICIT_BATCH = 0 is
 # deprecated); TensorRT 11: kSTRONGLY_TYPED = 0, deprecated because strong typing is always on,
@@ -87,7 +84,6 @@ def default_engine_path(onnx_path: str | Path, precision: str) -> Path:
 
 def default_timing_cache(tensorrt_version: str, gpu: CudaGpu) -> Path:
     """One cache per TensorRT version and compute capability: timings are only valid there."""
-    from evit_deploy.runtime.baseline import cache_dir
 
     return cache_dir() / "tensorrt" / f"timing-trt{tensorrt_version}-sm{gpu.compute_capability}.cache"
 
@@ -454,28 +450,6 @@ def build_engine(
         timing_cache_saved=saved,
         converted=graph.converted,
     )
-
-
-def build_baseline_engine(engine_path: str | Path, device: str | None = None) -> Path:
-    """The plain-ViT (keep_rate 1.0) engine of the same weights, built with the same settings as
-    `engine_path`, cached next to the cached baseline ONNX and reused while TensorRT, the GPU and
-    the settings stay the same."""
-    from evit_deploy.export.precision import ISLANDS
-    from evit_deploy.runtime.baseline import baseline_onnx
-
-    header = read_engine_header(engine_path)
-    trt, gpu = require_tensorrt_gpu(device, "the TensorRT baseline")
-    onnx_path = baseline_onnx(header.metadata)
-    settings = header.settings
-    islands = tuple(kind for kind in header.fp32_islands if kind in ISLANDS)
-    if header.precision == "fp16" and islands:  # the engine's islands (from export, if it was FP16)
-        settings = dataclasses.replace(settings, fp32_islands=islands)
-    key = json.dumps([settings.to_dict(), trt.__version__, gpu.compute_capability, gpu.name])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    target = onnx_path.with_name(f"{onnx_path.stem}_{digest}.plan")
-    if not target.exists():  # written atomically: an existing file is a complete engine
-        build_engine(onnx_path, target, settings, force=True, device=device, require_layer_matches=False)
-    return target
 
 
 def _load_timing_cache(config, path: Path):

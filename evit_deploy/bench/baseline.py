@@ -1,32 +1,29 @@
 """The plain ViT (keep_rate 1.0) that an EViT artifact is compared against, and the other keep
-rates of a sweep, built from the same weights and cached, so `bench` can show the speed-up without
-the user exporting them by hand."""
+rates of a sweep, built from the same weights and cached (ONNX, INT8 ONNX, TensorRT engines), so
+`bench` can show the speed-up without the user exporting them by hand."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from evit_deploy import __version__
+from evit_deploy.engines.header import read_engine_header
+from evit_deploy.engines.tensorrt import build_engine, require_tensorrt_gpu
 from evit_deploy.export.onnx import DEFAULT_OPSET, export_onnx
-from evit_deploy.metadata import ArtifactMetadata
+from evit_deploy.export.precision import ISLANDS
+from evit_deploy.export.quantize import quantize_graph
+from evit_deploy.fileio import cache_dir, write_bytes_atomic
+from evit_deploy.metadata import ArtifactMetadata, load_onnx, onnx_metadata, stamp_metadata
 from evit_deploy.model.checkpoint import build_model, file_sha256
 from evit_deploy.model.config import Preprocessing
 
 PLAIN_KEEP_RATE = 1.0
-
-
-def cache_dir() -> Path:
-    """$EVIT_DEPLOY_CACHE, else ~/.cache/evit-deploy (XDG_CACHE_HOME respected)."""
-    root = os.environ.get("EVIT_DEPLOY_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "evit-deploy"
 
 
 def baseline_onnx(metadata: ArtifactMetadata, opset: int = DEFAULT_OPSET) -> Path:
@@ -91,13 +88,6 @@ def quantized_baseline_onnx(metadata: ArtifactMetadata) -> Path:
     """The plain ViT quantized like an INT8 artifact (its recorded method; the same settings), for
     timing only: static ranges are calibrated on seeded noise, since the ranges' values do not
     change the speed. Cached beside the FP32 baselines."""
-    import numpy as np
-
-    from evit_deploy.metadata import stamp_metadata
-    from evit_deploy.metadata import load_onnx, onnx_metadata
-    from evit_deploy.export.quantize import quantize_graph
-    from evit_deploy.fileio import write_bytes_atomic
-
     method = metadata.quantization.get("method", "dynamic")
     plain = baseline_onnx(metadata)
     path = plain.with_name(f"{plain.stem}_int8_{method}.onnx")
@@ -112,3 +102,21 @@ def quantized_baseline_onnx(metadata: ArtifactMetadata) -> Path:
     write_bytes_atomic(path, quantized.SerializeToString(), force=True)
     return path
 
+
+def baseline_engine(engine_path: str | Path, device: str | None = None) -> Path:
+    """The plain-ViT (keep_rate 1.0) engine of the same weights, built with the same settings as
+    `engine_path`, cached next to the cached baseline ONNX and reused while TensorRT, the GPU and
+    the settings stay the same."""
+    header = read_engine_header(engine_path)
+    trt, gpu = require_tensorrt_gpu(device, "the TensorRT baseline")
+    onnx_path = baseline_onnx(header.metadata)
+    settings = header.settings
+    islands = tuple(kind for kind in header.fp32_islands if kind in ISLANDS)
+    if header.precision == "fp16" and islands:  # the engine's islands (from export, if it was FP16)
+        settings = dataclasses.replace(settings, fp32_islands=islands)
+    key = json.dumps([settings.to_dict(), trt.__version__, gpu.compute_capability, gpu.name])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    target = onnx_path.with_name(f"{onnx_path.stem}_{digest}.plan")
+    if not target.exists():  # written atomically: an existing file is a complete engine
+        build_engine(onnx_path, target, settings, force=True, device=device, require_layer_matches=False)
+    return target

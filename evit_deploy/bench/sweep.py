@@ -1,7 +1,7 @@
 """Keep-rate sweep: the same weights at several keep rates, timed interleaved on one backend.
 
 Each keep rate is its own graph (TopK's K is a constant), so an ONNX sweep exports every keep
-rate once from the recorded weights and reuses the exports (runtime/baseline.py); a checkpoint
+rate once from the recorded weights and reuses the exports (bench/baseline.py); a checkpoint
 on PyTorch just builds each model. All variants are timed round-robin on the same input, so
 load on a shared machine affects them alike. Optionally each is also evaluated on an image
 folder, and the results are plotted against the keep rate.
@@ -13,10 +13,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from evit_deploy.analysis.evaluate import evaluate
+from evit_deploy.bench.baseline import cached_onnx
+from evit_deploy.data.samples import find_samples
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.fileio import atomic_output
+from evit_deploy.install import PLOT_INSTALL
 from evit_deploy.runtime.backends import backend_for, load_backend
-from evit_deploy.runtime.bench import (
+from evit_deploy.runtime.predictor import Predictor
+from evit_deploy.bench.bench import (
     DEFAULT_MIN_SECONDS,
     PLAIN_KEEP_RATE,
     BenchReport,
@@ -53,7 +58,6 @@ def sweep_variants(
 ) -> list[Variant]:
     """What to load for each keep rate: the checkpoint with that keep rate (PyTorch), or an ONNX
     exported from the source's weights (ONNX Runtime; the source itself at its own keep rate)."""
-    from evit_deploy.runtime.baseline import cached_onnx
 
     path = Path(path)
     kind, source_kind = backend_for(path, backend), backend_for(path, "auto")
@@ -126,10 +130,6 @@ def evaluate_variants(
     device: str | None,
     on_step: Callable[[str], None],
 ) -> dict[float, dict]:
-    from evit_deploy.analysis.evaluate import evaluate
-    from evit_deploy.data.samples import find_samples
-    from evit_deploy.runtime.predictor import Predictor
-
     accuracy, samples = {}, None
     for variant in variants:
         predictor = Predictor(variant.artifact, variant.backend, device, **variant.options)
@@ -142,8 +142,6 @@ def evaluate_variants(
 
 def check_plotting() -> None:
     """Fail before a long sweep, not after it, when matplotlib (the `plot` extra) is missing."""
-    from evit_deploy.install import PLOT_INSTALL
-
     try:
         import matplotlib  # noqa: F401
     except ImportError:

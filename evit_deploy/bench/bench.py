@@ -3,9 +3,9 @@
 Shared machines are noisy, so variants are timed interleaved (A, B, A, B, ...) on the same input
 and compared by median latency. Each iteration times the model alone: inputs are placed on the
 device once (`Backend.prepare`) and the backend waits for its result (CUDA synchronised).
-With an image folder, the whole path from files to top-k is timed too (runtime/end_to_end.py).
+With an image folder, the whole path from files to top-k is timed too (bench/end_to_end.py).
 
-`BenchReport` is what a single bench and a keep-rate sweep (runtime/sweep.py) both produce, and
+`BenchReport` is what a single bench and a keep-rate sweep (bench/sweep.py) both produce, and
 its `to_dict` is the one JSON schema of both (README, "bench JSON").
 """
 
@@ -19,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from evit_deploy.errors import UsageError
-from evit_deploy.stats import latency_summary
-from evit_deploy.model.flops import count_macs, count_params
+from evit_deploy.analysis.planning import model_cost
+from evit_deploy.bench.baseline import baseline_engine, baseline_onnx, quantized_baseline_onnx
+from evit_deploy.bench.end_to_end import EndToEndResult, time_end_to_end
 from evit_deploy.data.samples import find_images
+from evit_deploy.errors import UsageError
+from evit_deploy.model.flops import count_macs, count_params
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.base import Backend
-from evit_deploy.runtime.end_to_end import EndToEndResult, time_end_to_end
+from evit_deploy.stats import latency_summary
 
 DEFAULT_MIN_SECONDS = 3.0
 
@@ -138,8 +140,6 @@ def _over_plain(rows: Sequence, time_of: Callable) -> dict[float, dict[int, floa
 def describe_variant(artifact: str | Path, backend: Backend) -> dict:
     """One timed model: keep_rate, artifact, backend, precision, gmacs, published_gmacs,
     tokens_per_block."""
-    from evit_deploy.analysis.planning import model_cost
-
     cost = model_cost(backend.metadata.to_config())
     return {
         "keep_rate": cost.config.keep_rate,
@@ -233,12 +233,8 @@ def load_baseline(
         options = {**options, "keep_rate": PLAIN_KEEP_RATE}
         return path, load_backend(path, "pytorch", device, **options)
     if kind == "tensorrt":
-        from evit_deploy.engines.tensorrt import build_baseline_engine
-
-        engine = build_baseline_engine(path, device)
+        engine = baseline_engine(path, device)
         return engine, load_backend(engine, "tensorrt", device)
-    from evit_deploy.runtime.baseline import baseline_onnx, quantized_baseline_onnx
-
     if primary.metadata.precision == "int8":
         plain = quantized_baseline_onnx(primary.metadata)
     else:
@@ -254,8 +250,6 @@ def runs_on_cpu(backend: Backend) -> bool:
 
 def load_reference(primary: Backend, options: dict) -> tuple[Path, Backend]:
     """REFERENCE: the plain FP32 ViT of the same weights on ONNX Runtime's CPU provider."""
-    from evit_deploy.runtime.baseline import baseline_onnx
-
     threads = {"threads": options["threads"]} if options.get("threads") else {}
     plain = baseline_onnx(primary.metadata)
     return plain, load_backend(plain, "onnxruntime", "cpu", **threads)
