@@ -258,7 +258,7 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX (dynamic batch), validated against PyTorch before it is written."""
     from evit_deploy.export import export_onnx
-    from evit_deploy.export.onnx import check_opset, check_precision
+    from evit_deploy.export.onnx import check_export_precision, check_opset
     from evit_deploy.export.validate import ValidationFailed
     from evit_deploy.fileio import check_can_write
     from evit_deploy.model.checkpoint import build_model, checkpoint_config
@@ -269,7 +269,7 @@ def export(
         if path is not None:
             check_can_write(path, force)
     islands = () if fp32_islands.strip() == "none" else tuple(p.strip() for p in fp32_islands.split(",") if p.strip())
-    check_precision(precision, islands, validate_dir)
+    check_export_precision(precision, islands, validate_dir)
     title = "Validation: ONNX Runtime vs PyTorch" + (f" FP32 ({precision}, FP32 islands: {', '.join(islands) or 'none'})" if precision != "fp32" else "")
     try:
         with err_console.status("loading model") as status:

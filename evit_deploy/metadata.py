@@ -15,6 +15,7 @@ from evit_deploy.errors import EvitDeployError
 from evit_deploy.model.config import (
     CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, EvitConfig, Preprocessing,
 )
+from evit_deploy.precisions import FP32
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -45,7 +46,7 @@ class ArtifactMetadata:
     checkpoint: str = ""  # absolute path of the source checkpoint; "" for random weights
     weights: str = ""  # "random:SEED" or "sha256:DIGEST" of the checkpoint
     evit_deploy_version: str = __version__
-    precision: str = "fp32"  # the graph's: fp32, or int8 for a quantized file
+    precision: str = FP32  # the graph's: fp32, or int8 for a quantized file
     quantization: dict = field(default_factory=dict)  # int8: method, calibration set, gates
     fp32_islands: list[str] = field(default_factory=list)  # fp16: the parts kept in FP32
     gates_missed: list[str] = field(default_factory=list)  # fp16 written with --accept-failed-gates

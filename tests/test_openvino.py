@@ -39,7 +39,7 @@ def test_backend_selection(onnx_file, tmp_path):
     assert load_backend(onnx_file, "onnxruntime", precision="fp32").name == "onnxruntime"
     errors = [
         (dict(backend="onnxruntime", precision="bf16"), "OpenVINO setting"),
-        (dict(backend="openvino", precision="fp16"), "fp32, bf16"),
+        (dict(backend="openvino", precision="fp16"), "OpenVINO takes precision fp32 or bf16, got .fp16."),
         (dict(backend="openvino", device="cuda"), "runs on the CPU"),
         (dict(backend="openvino", providers=["cpu"]), "does not take providers"),
         (dict(backend="openvino", threads=0), "threads must be positive"),

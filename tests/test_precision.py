@@ -17,7 +17,6 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export.onnx import export_graph, simplify
 from evit_deploy.export.precision import (
     DEFAULT_ISLANDS,
-    convert_all_fp16,
     convert_to_fp16,
     fp32_compute_nodes,
     fp32_islands_of,
@@ -25,8 +24,8 @@ from evit_deploy.export.precision import (
     island_nodes,
     layernorm_nodes,
     model_precision,
-    topk_score_nodes,
 )
+from evit_deploy.export.score_path import topk_score_nodes
 from evit_deploy.metadata import ArtifactMetadata
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -199,7 +198,7 @@ def test_onnxruntime_cpu_runs_it_close_to_fp32(graphs, images, export):
     source = graphs[export]
     reference = run(source, images)
     mixed = run(convert_to_fp16(source).model, images)
-    plain = run(convert_all_fp16(source).model, images)
+    plain = run(convert_to_fp16(source, islands=()).model, images)
     for outputs in (mixed, plain):
         assert [o.dtype for o in outputs] == [np.float32] + [np.int64] * 3
         assert [o.shape for o in outputs] == [o.shape for o in reference]
@@ -210,7 +209,7 @@ def test_onnxruntime_cpu_runs_it_close_to_fp32(graphs, images, export):
 
 
 def test_everything_fp16_keeps_only_the_converters_fp32_ops(graphs):
-    result = convert_all_fp16(graphs["torchscript-slim"])
+    result = convert_to_fp16(graphs["torchscript-slim"], islands=())
     assert result.islands == () and result.island_nodes == {}
     assert result.converter_fp32_ops == ["TopK"] and len(result.fp32_nodes) == 3
     types = types_of(result.model)

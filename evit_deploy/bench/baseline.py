@@ -22,6 +22,7 @@ from evit_deploy.fileio import cache_dir, write_bytes_atomic
 from evit_deploy.metadata import ArtifactMetadata, load_onnx, onnx_metadata, stamp_metadata
 from evit_deploy.model.checkpoint import build_model, file_sha256
 from evit_deploy.model.config import Preprocessing
+from evit_deploy.precisions import FP16, INT8
 
 PLAIN_KEEP_RATE = 1.0
 
@@ -98,7 +99,7 @@ def quantized_baseline_onnx(metadata: ArtifactMetadata) -> Path:
     noise = np.random.default_rng(0).standard_normal((4, 3, size, size), dtype=np.float32)
     quantized, settings = quantize_graph(model, method, metadata, lambda: iter([noise]), [])
     timing_only = {"method": method, **settings, "calibration": "seeded noise (timing only)"}
-    stamp_metadata(quantized, dataclasses.replace(onnx_metadata(model, plain), precision="int8", quantization=timing_only))
+    stamp_metadata(quantized, dataclasses.replace(onnx_metadata(model, plain), precision=INT8, quantization=timing_only))
     write_bytes_atomic(path, quantized.SerializeToString(), force=True)
     return path
 
@@ -112,7 +113,7 @@ def baseline_engine(engine_path: str | Path, device: str | None = None) -> Path:
     onnx_path = baseline_onnx(header.metadata)
     settings = header.settings
     islands = tuple(kind for kind in header.fp32_islands if kind in ISLANDS)
-    if header.precision == "fp16" and islands:  # the engine's islands (from export, if it was FP16)
+    if header.precision == FP16 and islands:  # the engine's islands (from export, if it was FP16)
         settings = dataclasses.replace(settings, fp32_islands=islands)
     key = json.dumps([settings.to_dict(), trt.__version__, gpu.compute_capability, gpu.name])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]

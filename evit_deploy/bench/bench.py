@@ -28,6 +28,7 @@ from evit_deploy.model.flops import count_macs, count_params
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.base import Backend
 from evit_deploy.stats import latency_summary
+from evit_deploy.precisions import FP32, INT8
 
 DEFAULT_MIN_SECONDS = 3.0
 
@@ -120,7 +121,7 @@ def is_reference_run(run) -> bool:
 
 
 def is_reference_kind(backend: str, provider: str, precision: str) -> bool:
-    return backend == "onnxruntime" and provider == "CPUExecutionProvider" and precision == "fp32"
+    return backend == "onnxruntime" and provider == "CPUExecutionProvider" and precision == FP32
 
 
 def _over_plain(rows: Sequence, time_of: Callable) -> dict[float, dict[int, float]]:
@@ -235,7 +236,7 @@ def load_baseline(
     if kind == "tensorrt":
         engine = baseline_engine(path, device)
         return engine, load_backend(engine, "tensorrt", device)
-    if primary.metadata.precision == "int8":
+    if primary.metadata.precision == INT8:
         plain = quantized_baseline_onnx(primary.metadata)
     else:
         plain = baseline_onnx(primary.metadata)

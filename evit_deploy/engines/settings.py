@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export.precision import DEFAULT_ISLANDS, ISLANDS
+from evit_deploy.precisions import FP16, check_precision, written_by
 
-PRECISIONS = ("fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class BatchProfile:
 class BuildSettings:
     """Everything `build-engine` takes besides the input and output files."""
 
-    precision: str = "fp16"
+    precision: str = FP16
     profile: BatchProfile = field(default_factory=BatchProfile)
     workspace_gb: float | None = None  # None: TensorRT's default (the GPU's memory)
     # ONNX node-name patterns kept in FP32 when an FP32 ONNX is converted to FP16 for the build
@@ -70,8 +70,7 @@ class BuildSettings:
     detailed_profile: bool = False
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision, written_by("build-engine"), "build-engine")
         if self.workspace_gb is not None and not self.workspace_gb > 0:
             raise UsageError(f"--workspace must be a positive number of GB, got {self.workspace_gb}")
         object.__setattr__(self, "fp32_layers", tuple(self.fp32_layers))

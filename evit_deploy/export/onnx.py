@@ -24,9 +24,10 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export.precision import DEFAULT_ISLANDS, ISLANDS, NAME_SCOPES, convert_to_fp16, module_scopes
 from evit_deploy.export.validate import GATES, ValidationFailed, ValidationReport, validate_onnx
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
+from evit_deploy.data.samples import find_images
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, stamp_metadata
 from evit_deploy.model.vit import EViT
-from evit_deploy.data.samples import find_images
+from evit_deploy.precisions import FP16, FP32, check_precision, written_by
 
 # The torch.export-based exporter writes opset 18 and up (its down-conversion to 17 fails on
 # EViT's graph); LayerNormalization is one node from 17 on, which TensorRT FP16 needs.
@@ -34,7 +35,6 @@ MIN_OPSET = 18
 MAX_OPSET = 23  # the newest this torch exports (torch.onnx._constants.ONNX_MAX_OPSET)
 DEFAULT_OPSET = 18
 TRACE_BATCH = 2  # validation runs another batch size, proving the batch axis is really dynamic
-PRECISIONS = ("fp32", "fp16")
 MAX_BATCH = 1 << 20  # the batch axis' upper bound for torch.export (ONNX keeps it symbolic)
 
 
@@ -154,14 +154,13 @@ def topk_constant_ks(model: onnx.ModelProto) -> list[int]:
     return ks
 
 
-def check_precision(precision: str, fp32_islands: Sequence[str], validate_dir: str | Path | None) -> None:
+def check_export_precision(precision: str, fp32_islands: Sequence[str], validate_dir: str | Path | None) -> None:
     """Refuse a precision, island or held-out folder that cannot work, before any model is built."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision, written_by("export"), "export")
     unknown = sorted(set(fp32_islands) - set(ISLANDS))
     if unknown:
         raise UsageError(f"unknown FP32 island(s) {', '.join(unknown)}; choose from {', '.join(ISLANDS)}")
-    if precision != "fp32" and validate_dir is None:
+    if precision != FP32 and validate_dir is None:
         raise UsageError(
             f"{precision} is judged on held-out images: pass --validate-dir DIR (images the model "
             "was not trained on, in class folders to measure accuracy)"
@@ -187,7 +186,7 @@ def export_onnx(
     force: bool = False,
     with_token_indices: bool = False,
     validate_dir: str | Path | None = None,
-    precision: str = "fp32",
+    precision: str = FP32,
     fp32_islands: Sequence[str] = DEFAULT_ISLANDS,
     accept_failed_gates: bool = False,
     on_step: Callable[[str], None] = lambda step: None,
@@ -204,7 +203,7 @@ def export_onnx(
     """
     check_opset(opset)
     output = check_can_write(output, force)
-    check_precision(precision, fp32_islands, validate_dir)
+    check_export_precision(precision, fp32_islands, validate_dir)
     model = model.eval()
     on_step("exporting")
     proto = export_graph(model, opset, with_token_indices)
@@ -214,17 +213,17 @@ def export_onnx(
     metadata = ArtifactMetadata.from_model(model, with_token_indices)
     if ks != metadata.topk_k:
         raise EvitDeployError(f"exported TopK K values {ks} differ from the plan {metadata.topk_k}")
-    if precision == "fp16":
+    if precision == FP16:
         on_step(f"converting to FP16 with FP32 islands ({', '.join(fp32_islands) or 'none'})")
         proto = convert_to_fp16(proto, fp32_islands).model
-        metadata = dataclasses.replace(metadata, precision="fp16", fp32_islands=list(fp32_islands))
+        metadata = dataclasses.replace(metadata, precision=FP16, fp32_islands=list(fp32_islands))
     stamp_metadata(proto, metadata)
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     on_step("validating")
     report = validate_onnx(model, data, validate_dir=validate_dir, gates=GATES.get(precision))
-    if not report.passed and not (accept_failed_gates and precision != "fp32"):
-        hint = " (--accept-failed-gates writes it anyway, recorded in its metadata)" if precision != "fp32" else ""
+    if not report.passed and not (accept_failed_gates and precision != FP32):
+        hint = " (--accept-failed-gates writes it anyway, recorded in its metadata)" if precision != FP32 else ""
         raise ValidationFailed(
             f"{precision} export failed validation, nothing written{hint}: {report.failure_summary()}",
             report,

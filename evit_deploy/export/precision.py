@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ast
 import warnings
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,14 +37,13 @@ import onnx
 from onnx import TensorProto, helper
 
 from evit_deploy.errors import EvitDeployError, UsageError, first_line
+from evit_deploy.export.score_path import topk_score_nodes, value_types
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata the torch.export exporter writes
 
 ISLANDS = ("topk_scores", "layernorm")
 DEFAULT_ISLANDS = ("topk_scores",)
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
-MAX_SCORE_DEPTH = 12  # nodes between a TopK and its softmax (head mean, class-row slice, reshapes)
-MAX_LOGIT_DEPTH = 4  # nodes between the softmax and the Q.K^T MatMul (the scale)
 FP16_MAX = 65504.0
 FP16_MIN_SUBNORMAL = 5.96e-08
 
@@ -63,27 +61,6 @@ class Fp16Conversion:
 
 # ---------------------------------------------------------------------------------------------
 # Finding the islands
-
-
-def topk_score_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes computing what each TopK ranks: the TopK, the nodes back to the nearest
-    Softmax upstream (head mean, class-row Slice/Gather, reshapes), that Softmax, and the nodes back
-    to the MatMul that feeds it (the scale Mul/Div, the Q.K^T MatMul). Walks float tensors only
-    (shape and index arithmetic is left alone) and looks through Cast nodes, so it also finds the
-    islands of an already converted graph. A TopK without a Softmax upstream adds nothing."""
-    graph = model.graph
-    types = _value_types(model)
-    producers = {out: node for node in graph.node for out in node.output}
-    chosen: dict[str, None] = {}
-    for topk in (n for n in graph.node if n.op_type == "TopK" and n.domain in ("", "ai.onnx")):
-        to_softmax = _path_to(topk, "Softmax", producers, types, MAX_SCORE_DEPTH)
-        if to_softmax is None:
-            continue
-        to_logits = _path_to(to_softmax[-1], "MatMul", producers, types, MAX_LOGIT_DEPTH) or []
-        for node in [*to_softmax, *to_logits[1:]]:
-            if node.op_type != "Cast":
-                chosen[node.name] = None
-    return [n.name for n in graph.node if n.name in chosen]
 
 
 def layernorm_nodes(model: onnx.ModelProto) -> list[str]:
@@ -205,12 +182,6 @@ def convert_to_fp16(
     )
 
 
-def convert_all_fp16(model: onnx.ModelProto) -> Fp16Conversion:
-    """Everything FP16 (no islands; the converter still keeps ops without FP16 kernels, such as
-    TopK, in FP32, ranking FP16 scores): the comparison that shows what the islands are for."""
-    return convert_to_fp16(model, islands=())
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading a graph's precision
 
@@ -230,7 +201,7 @@ def model_precision(model: onnx.ModelProto) -> str:
 def fp32_compute_nodes(model: onnx.ModelProto) -> list[str]:
     """In a mixed-precision graph: the nodes (Casts and Constants aside) that read or write a
     float32 tensor, i.e. compute in FP32."""
-    types = _value_types(model)
+    types = value_types(model)
     return [
         node.name
         for node in model.graph.node
@@ -249,50 +220,6 @@ def fp32_islands_of(model: onnx.ModelProto) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor the graph names, inferred where the graph does not say."""
-
-    def collect(graph) -> dict[str, int]:
-        types = {init.name: init.data_type for init in graph.initializer}
-        for value in [*graph.input, *graph.output, *graph.value_info]:
-            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-                types[value.name] = value.type.tensor_type.elem_type
-        return types
-
-    types = collect(model.graph)
-    if all(name in types for node in model.graph.node for name in node.output if name):
-        return types
-    return collect(onnx.shape_inference.infer_shapes(model).graph)
-
-
-def _path_to(start, op_type: str, producers: dict, types: dict[str, int], max_depth: int):
-    """Shortest chain [start, ..., X] with X.op_type == op_type, walking from nodes to the
-    producers of their float inputs; None when there is none within `max_depth` steps (Casts
-    do not count as steps)."""
-    parent = {start.name: None}
-    by_name = {start.name: start}
-    queue = deque([(start, 0)])
-    while queue:
-        node, depth = queue.popleft()
-        if node.op_type == op_type and node is not start:
-            path = [node]
-            while (previous := parent[path[-1].name]) is not None:
-                path.append(by_name[previous])
-            return path[::-1]
-        if depth >= max_depth:
-            continue
-        for name in node.input:
-            source = producers.get(name) if name else None
-            if source is None or source.name in parent or source.op_type == "Constant":
-                continue
-            if types.get(name) not in (FLOAT, FLOAT16):
-                continue
-            parent[source.name] = node.name
-            by_name[source.name] = source
-            queue.append((source, depth + (source.op_type != "Cast")))
-    return None
 
 
 def _name_unnamed_nodes(graph: onnx.GraphProto) -> None:
@@ -463,7 +390,7 @@ def _check_conversion(converted: onnx.ModelProto, fp32_nodes: list[str], source:
     io = lambda m: [(v.name, v.type.tensor_type.elem_type) for v in [*m.graph.input, *m.graph.output]]  # noqa: E731
     if io(converted) != io(source):
         raise EvitDeployError(f"the FP16 conversion changed the graph's I/O types: {io(source)} -> {io(converted)}")
-    types = _value_types(inferred)
+    types = value_types(inferred)
     wanted = set(fp32_nodes)
     leaks = [
         f"{node.name} ({name})"

@@ -39,6 +39,7 @@ from evit_deploy.fileio import check_can_write, write_bytes_atomic
 from evit_deploy.metadata import ArtifactMetadata, load_onnx, onnx_metadata, stamp_metadata
 from evit_deploy.data.samples import find_images
 from evit_deploy.preprocess import preprocess
+from evit_deploy.precisions import FP32, INT8
 
 METHODS = ("static", "dynamic", "nncf")
 CALIBRATION_CHUNK = 16  # images preprocessed and run per calibration step
@@ -210,7 +211,7 @@ def quantize_onnx(
     calibration_dir: str | Path | None = None,
     calibration_images: int | None = DEFAULT_CALIBRATION_IMAGES,
     validate_dir: str | Path | None = None,
-    gates: Gates = GATES["int8"],
+    gates: Gates = GATES[INT8],
     accept_failed_gates: bool = False,
     force: bool = False,
     exclude_score_path: bool = True,
@@ -233,7 +234,7 @@ def quantize_onnx(
     calibration = calibration_set(calibration_dir, calibration_images) if method != "dynamic" and calibration_dir else None
     fp32 = load_onnx(model_path)
     meta = onnx_metadata(fp32, model_path)
-    if meta.precision != "fp32":
+    if meta.precision != FP32:
         raise UsageError(f"{Path(model_path).name} is already {meta.precision}; quantize the FP32 export")
     exclude = score_path_nodes(fp32) if exclude_score_path else []
     if meta.topk_k and exclude_score_path and not exclude:
@@ -264,7 +265,7 @@ def quantize_onnx(
         },
         "accepted_failed_gates": not report.passed,
     }
-    metadata = replace(meta, precision="int8", quantization=quantization)
+    metadata = replace(meta, precision=INT8, quantization=quantization)
     stamp_metadata(quantized, metadata)
     data = quantized.SerializeToString()
     on_step("writing")

@@ -31,6 +31,7 @@ from evit_deploy.model.config import EvitConfig
 from evit_deploy.model.vit import kept_patch_ids
 from evit_deploy.data.samples import find_images, find_samples
 from evit_deploy.preprocess import SAMPLE_IMAGE, load_image, preprocess
+from evit_deploy.precisions import BF16, FP16, FP32, INT8
 
 REL_TOLERANCE = 1e-4  # FP32: max |candidate - reference| <= REL_TOLERANCE * max |reference|
 NEAR_TIE_GAP = 1e-4  # relative gap between the K-th and (K+1)-th class attention at the boundary
@@ -52,9 +53,9 @@ class Gates:
 
 
 GATES = {
-    "fp16": Gates("fp16", 0.995, 0.99),
-    "bf16": Gates("bf16", 0.995, 0.98, 0.3),
-    "int8": Gates("int8", 0.995, 0.98, 0.3),
+    FP16: Gates(FP16, 0.995, 0.99),
+    BF16: Gates(BF16, 0.995, 0.98, 0.3),
+    INT8: Gates(INT8, 0.995, 0.98, 0.3),
 }
 
 
@@ -161,7 +162,7 @@ class ValidationFailed(EvitDeployError):
 @dataclass(frozen=True)
 class ValidationReport:
     cases: list[CaseResult]
-    precision: str = "fp32"
+    precision: str = FP32
     gates: Gates | None = None
 
     @property
@@ -361,7 +362,7 @@ def validate(
         )
         on_chunk(len(inputs.images))
     cases = [chunks[0] if len(chunks) == 1 else merge_cases(name, chunks) for name, chunks in parts.items()]
-    return ValidationReport(cases, gates.precision if gates else "fp32", gates)
+    return ValidationReport(cases, gates.precision if gates else FP32, gates)
 
 
 def validate_onnx(

@@ -32,10 +32,10 @@ from evit_deploy.export.validate import Outputs, Runner
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.install import OPENVINO_INSTALL
 from evit_deploy.metadata import ArtifactMetadata
+from evit_deploy.precisions import BF16, FP32, check_precision, chosen_at_load
 from evit_deploy.runtime.base import Backend, cpu_name
 
-PRECISIONS = ("fp32", "bf16")
-HINTS = {"fp32": "f32", "bf16": "bf16"}
+HINTS = {FP32: "f32", BF16: BF16}
 METADATA_KEY = "evit_deploy"  # IR: the metadata props under this rt_info section
 PRECISE = "precise_0"  # ov::DisableFP16Compression's runtime-info key
 TAIL_BF16 = "enforceBF16evenForGraphTail"  # CPU plugin: convert even nodes that feed an output
@@ -50,10 +50,10 @@ def import_openvino():
     return openvino
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} for OpenVINO, got '{precision}'")
-    if precision == "bf16":
+def check_inference_precision(precision: str) -> str:
+    """An inference precision OpenVINO can be asked for, and BF16 only where the CPU has it."""
+    check_precision(precision, chosen_at_load("openvino"), "OpenVINO")
+    if precision == BF16:
         from evit_deploy.runtime.cpu_features import missing_bf16, probe_cpu
 
         problem = missing_bf16(probe_cpu())
@@ -177,7 +177,7 @@ def pin_score_path(model) -> list[str]:
 
 def compile_model(
     model,
-    precision: str = "fp32",
+    precision: str = FP32,
     threads: int | None = None,
     fp32_topk_scores: bool = True,
     index_outputs: bool = False,
@@ -185,8 +185,8 @@ def compile_model(
     """Compile an ov.Model for the CPU at `precision`. index_outputs: also output each TopK's
     indices (for validation), without changing the precisions the deployed model runs."""
     ov = import_openvino()
-    pinned = precision == "bf16" and fp32_topk_scores
-    if precision == "bf16" and not pinned and index_outputs:
+    pinned = precision == BF16 and fp32_topk_scores
+    if precision == BF16 and not pinned and index_outputs:
         # An output makes the plugin keep the nodes feeding it in FP32 up to the nearest MatMul:
         # the score path would then run in FP32 here but in BF16 in the deployed model.
         for op in score_path_ops(model):
@@ -226,7 +226,7 @@ class OpenVINOBackend(Backend):
         self,
         path: str | Path,
         device: str | None = None,
-        precision: str = "fp32",
+        precision: str = FP32,
         threads: int | None = None,
         fp32_topk_scores: bool = True,
     ):
@@ -234,8 +234,8 @@ class OpenVINOBackend(Backend):
             raise UsageError(f"the openvino backend runs on the CPU here; got --device {device}")
 
         self.path = Path(path)
-        self.precision = check_precision(precision)
-        self.fp32_topk_scores = fp32_topk_scores and precision == "bf16"
+        self.precision = check_inference_precision(precision)
+        self.fp32_topk_scores = fp32_topk_scores and precision == BF16
         model, self.metadata = read_model(self.path)
         self.score_path = [op.get_friendly_name() for op in score_path_ops(model)]
         try:
@@ -254,8 +254,8 @@ class OpenVINOBackend(Backend):
                     stacklevel=2,
                 )
         self.provider = "CPU" + (", TopK scores FP32" if self.fp32_topk_scores else "")
-        if self.metadata.precision != "fp32":  # an INT8 (QDQ) file: its float parts run at `precision`
-            self.precision = f"{self.metadata.precision}+{precision}" if precision != "fp32" else self.metadata.precision
+        if self.metadata.precision != FP32:  # an INT8 (QDQ) file: its float parts run at `precision`
+            self.precision = f"{self.metadata.precision}+{precision}" if precision != FP32 else self.metadata.precision
         self.device_name = cpu_name()
         self.output_port = self.compiled.output(self.metadata.output_name)
 
@@ -287,7 +287,7 @@ def save_ir(model, metadata: ArtifactMetadata, xml: str | Path) -> Path:
 
 def openvino_runner(
     path: str | Path,
-    precision: str = "fp32",
+    precision: str = FP32,
     fp32_topk_scores: bool = True,
     threads: int | None = None,
 ) -> Runner:
@@ -295,7 +295,7 @@ def openvino_runner(
     as extra outputs without changing the precision any node runs in (so BF16 is judged as the
     openvino backend runs it)."""
     model, meta = read_model(path)
-    check_precision(precision)
+    check_inference_precision(precision)
     index_names = [op.output(1) for op in topk_ops(model)]
     compiled = compile_model(model, precision, threads, fp32_topk_scores, index_outputs=True)
     outputs = list(compiled.outputs)

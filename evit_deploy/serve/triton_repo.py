@@ -216,9 +216,9 @@ def write_triton_repo(
     if openvino and (artifact.suffix.lower() != ".onnx" or kind == "gpu"):
         raise UsageError("--platform openvino serves an .onnx artifact on the CPU (--kind cpu or auto)")
     if openvino and precision != "fp32":
-        from evit_deploy.runtime.openvino_backend import check_precision
+        from evit_deploy.runtime.openvino_backend import check_inference_precision
 
-        check_precision(precision)
+        check_inference_precision(precision)
     if not artifact.exists():
         raise EvitDeployError(f"artifact not found: {artifact}")
     if output.exists() and not output.is_dir():
