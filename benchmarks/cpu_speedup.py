@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from evit_deploy.export import export_onnx
-from evit_deploy.model import EvitConfig, build_model
+from evit_deploy.model import EvitConfig, EvitOverrides, build_model
 from evit_deploy.model.flops import count_macs
 from evit_deploy.runtime.base import cpu_name
 from evit_deploy.bench.bench import interleaved_latencies, parse_batches
@@ -54,8 +54,8 @@ def main() -> None:
             path = Path(tmp) / f"{tag}.onnx"
             export_onnx(build_model(config), path)
             variants[f"onnxruntime {tag}"] = OnnxRuntimeBackend(path, "cpu", threads=args.threads)
-        variants["pytorch evit"] = TorchBackend(None, "cpu", MODEL, KEEP_RATE)
-        variants["pytorch plain"] = TorchBackend(None, "cpu", MODEL, 1.0)
+        variants["pytorch evit"] = TorchBackend(None, "cpu", EvitOverrides(MODEL, KEEP_RATE))
+        variants["pytorch plain"] = TorchBackend(None, "cpu", EvitOverrides(MODEL, 1.0))
 
         rows = []
         rng = np.random.default_rng(0)

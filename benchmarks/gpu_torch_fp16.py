@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import torch
 
+from evit_deploy.model import EvitOverrides
 from evit_deploy.model.vit import kept_patch_ids
 from evit_deploy.bench.bench import interleaved_latencies, summarize
 from evit_deploy.runtime.torch_backend import TorchBackend
@@ -23,7 +24,7 @@ from evit_deploy.runtime.torch_backend import TorchBackend
 def load(args, keep_rate: float, fp16: bool, compile: bool) -> TorchBackend:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded random weights, the same for every variant
-        return TorchBackend(None, args.device, args.model, keep_rate=keep_rate, fp16=fp16, compile=compile)
+        return TorchBackend(None, args.device, EvitOverrides(args.model, keep_rate), fp16=fp16, compile=compile)
 
 
 @torch.inference_mode()

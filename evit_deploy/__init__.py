@@ -1,6 +1,6 @@
 """evit-deploy: export, validate, build and serve EViT token-pruned vision transformers."""
 
-__version__ = "0.1.0"
+from evit_deploy.version import __version__
 
 
 def __getattr__(name: str):

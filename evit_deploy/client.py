@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.model.config import EvitOverrides
 from evit_deploy.stats import latency_summary
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -282,7 +283,7 @@ def load_test(
     img_size: int | None = None,
     pool: int = 64,
     artifact: str | Path | None = None,
-    artifact_settings: dict | None = None,
+    evit: EvitOverrides | None = None,
     timeout: float = 30.0,
     max_seconds: float = 600.0,
     seed: int = 0,
@@ -290,7 +291,7 @@ def load_test(
     """`requests` inference calls from `concurrency` threads, each with its own connection.
 
     Inputs are drawn from a pool of `pool` random tensors. Expected results: Predictor.logits at
-    batch 1 on `artifact` if given (a checkpoint's EViT settings in `artifact_settings`); otherwise the first answer for each pool entry, so a
+    batch 1 on `artifact` if given (a checkpoint's EViT settings in `evit`); otherwise the first answer for each pool entry, so a
     request answered with another request's result still counts as a mismatch. Stops after
     `max_seconds` even if not all requests were sent."""
     if concurrency <= 0 or requests <= 0 or batch <= 0 or pool <= 0:
@@ -316,7 +317,7 @@ def load_test(
     if artifact is not None:
         from evit_deploy.runtime import Predictor
 
-        predictor = Predictor(artifact, **(artifact_settings or {}))
+        predictor = Predictor(artifact, evit=evit)
         expected = [np.concatenate([predictor.logits(t[i : i + 1]) for i in range(batch)]) for t in tensors]
         expected_from = "artifact"
 

@@ -20,7 +20,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from evit_deploy import __version__
+from evit_deploy.version import __version__
 from evit_deploy.errors import first_line
 from evit_deploy.engines.support import MIN_TENSORRT_MAJOR, has_fast_fp16, tensorrt_major
 from evit_deploy.install import (

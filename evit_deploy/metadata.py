@@ -10,7 +10,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from evit_deploy import __version__
+from evit_deploy.version import __version__
 from evit_deploy.errors import EvitDeployError
 from evit_deploy.model.config import (
     CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, EvitConfig, Preprocessing,

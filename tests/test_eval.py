@@ -17,6 +17,7 @@ from evit_deploy.cli import app
 from evit_deploy.data.labels import imagenet_classes
 from evit_deploy.data.samples import Sample, find_samples, read_labels_file, spread_subset
 from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.model import EvitOverrides
 from evit_deploy.preprocess import preprocess
 from evit_deploy.runtime import Predictor
 
@@ -89,7 +90,7 @@ def test_pytorch_and_onnx_agree_on_the_same_folder(artifacts, dataset, tmp_path)
     assert from_onnx["images_per_s"] > 0
     samples = find_samples(dataset, 1000)
     batch = preprocess([s.path for s in samples], CONFIG.img_size)
-    torch_top1 = Predictor(artifacts["pth"], keep_rate=0.7).logits(batch).argmax(1)
+    torch_top1 = Predictor(artifacts["pth"], evit=EvitOverrides(keep_rate=0.7)).logits(batch).argmax(1)
     onnx_top1 = Predictor(artifacts["onnx"]).logits(batch).argmax(1)
     assert np.array_equal(torch_top1, onnx_top1)
 

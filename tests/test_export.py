@@ -33,7 +33,7 @@ from conftest import (
 from evit_deploy import __version__
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export import export_onnx, read_onnx_metadata
-from evit_deploy.cli import validation_table
+from evit_deploy.cli.render import validation_table
 from evit_deploy.export.validate import (
     CaseResult,
     ValidationReport,

@@ -114,7 +114,7 @@ def test_cli_predict_and_errors(onnx_file):
 
 
 def test_bench_shows_precision_and_both_speedups(onnx_file):
-    from evit_deploy.cli import bench_table
+    from evit_deploy.cli.render import bench_table
     from evit_deploy.bench.bench import REFERENCE, bench_artifact
 
     report = bench_artifact(onnx_file, [1], backend="openvino", iterations=1, warmup=0, threads=2)

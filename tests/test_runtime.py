@@ -22,7 +22,7 @@ from evit_deploy.cli import app
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export import export_onnx
 from evit_deploy.metadata import ArtifactMetadata
-from evit_deploy.model import EvitConfig, build_model
+from evit_deploy.model import EvitConfig, EvitOverrides, build_model
 from evit_deploy.preprocess import SAMPLE_IMAGE, preprocess
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.base import Backend
@@ -64,7 +64,7 @@ def test_onnx_predictor_is_bit_identical_to_onnxruntime(artifacts, images):
 
 
 def test_pytorch_predictor_matches_onnx_within_tolerance(artifacts, images):
-    torch_logits = Predictor(artifacts["pth"], keep_rate=0.7).logits(images)
+    torch_logits = Predictor(artifacts["pth"], evit=EvitOverrides(keep_rate=0.7)).logits(images)
     onnx_logits = Predictor(artifacts["onnx"]).logits(images)
     scale = np.abs(torch_logits).max()
     assert np.abs(torch_logits - onnx_logits).max() <= 1e-4 * scale
@@ -87,7 +87,7 @@ def assert_close(got: np.ndarray, want: np.ndarray) -> None:
 
 
 def test_pytorch_backend_reads_architecture_and_settings(artifacts, images):
-    predictor = Predictor(artifacts["pth"], keep_rate=0.5, drop_loc=(2, 5))
+    predictor = Predictor(artifacts["pth"], evit=EvitOverrides(keep_rate=0.5, drop_loc=(2, 5)))
     meta = predictor.metadata
     assert (meta.model, meta.keep_rate, meta.drop_loc) == ("deit_tiny_patch16_224", 0.5, [2, 5])
     assert meta.weights.startswith("sha256:") and meta.checkpoint.endswith("tiny.pth")

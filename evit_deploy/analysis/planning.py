@@ -13,7 +13,7 @@ from pathlib import Path
 
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.metadata import ArtifactMetadata, read_onnx_metadata
-from evit_deploy.model.config import DEFAULT_DROP_LOC, EvitConfig
+from evit_deploy.model.config import DEFAULT_DROP_LOC, EvitConfig, EvitOverrides
 from evit_deploy.model.flops import BlockMacs, block_macs, count_macs, count_params
 
 # GMACs the official README publishes for DeiT-S at 224 px (fused token, drops at blocks 3/6/9).
@@ -134,23 +134,12 @@ def parse_numbers(text: str, kind: type, what: str) -> tuple:
     return values
 
 
-def resolve_config(
-    target: str,
-    keep_rate: float | None = None,
-    drop_loc: tuple[int, ...] | None = None,
-    fuse_token: bool | None = None,
-    img_size: int | None = None,
-) -> EvitConfig:
+def resolve_config(target: str, evit: EvitOverrides = EvitOverrides()) -> EvitConfig:
     """The configuration behind a model name, a checkpoint (architecture and head read off its
     weights) or an exported ONNX or engine (its metadata; its token counts are fixed, so settings
-    that differ are refused). Exported files are read without torch or onnxruntime."""
-    given = {
-        "keep_rate": keep_rate,
-        "drop_loc": drop_loc,
-        "fuse_token": fuse_token,
-        "img_size": img_size,
-    }
-    overrides = {k: v for k, v in given.items() if v is not None}
+    that differ are refused), with `evit`'s settings (its model, if any, is the target's).
+    Exported files are read without torch or onnxruntime."""
+    overrides = {k: v for k, v in evit.given().items() if k != "model"}
     path = Path(target)
     suffix = path.suffix.lower()
     if suffix in (".onnx", ".plan", ".engine"):
@@ -169,8 +158,8 @@ def resolve_config(
 
         state = read_state_dict(path)
         head = state.get("head.weight")
-        classes = {"num_classes": head.shape[0]} if head is not None and head.ndim == 2 else {}
-        return EvitConfig(infer_model_name(state, path), **overrides, **classes)
+        classes = head.shape[0] if head is not None and head.ndim == 2 else None
+        return evit.config(infer_model_name(state, path), classes)
     if path.exists():
         raise EvitDeployError(
             f"{target} is not an ONNX model (.onnx), an evit-deploy engine (.plan/.engine) or a "

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.fileio import atomic_output, check_can_write
-from evit_deploy.model.config import EvitConfig
+from evit_deploy.model.config import EvitConfig, EvitOverrides
 from evit_deploy.model.vit import kept_patch_ids
 from evit_deploy.preprocess import load_image, preprocess, resize_and_crop
 from evit_deploy.runtime.backends import backend_for, load_backend
@@ -34,9 +34,9 @@ CAPTION_HEIGHT = 22
 FONT_SIZE = 13
 
 
-def load_token_source(path: str | Path, **options) -> Backend:
-    """A checkpoint (PyTorch) or an ONNX exported with kept-token outputs, on the CPU in fp32 so
-    every source sees the same arithmetic. options: the PyTorch backend's EViT settings."""
+def load_token_source(path: str | Path, evit: EvitOverrides | None = None) -> Backend:
+    """A checkpoint (PyTorch, with `evit`'s settings) or an ONNX exported with kept-token outputs,
+    on the CPU in fp32 so every source sees the same arithmetic."""
     path = Path(path)
     kind = backend_for(path, "auto")
     if kind not in ("pytorch", "onnxruntime"):
@@ -44,11 +44,7 @@ def load_token_source(path: str | Path, **options) -> Backend:
             f"visualize reads kept tokens from a checkpoint or an ONNX file, not a {kind} engine "
             f"({path.name}); give the checkpoint or ONNX it was built from"
         )
-    if kind == "onnxruntime" and options:
-        raise UsageError(
-            f"{', '.join(options)} apply to checkpoints; an ONNX file carries its own settings"
-        )
-    source = load_backend(path, "auto", "cpu", **options)
+    source = load_backend(path, "auto", "cpu", evit)
     meta = source.metadata
     if not meta.topk_k:
         raise UsageError(

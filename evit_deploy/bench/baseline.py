@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evit_deploy import __version__
+from evit_deploy.version import __version__
 from evit_deploy.engines.header import read_engine_header
 from evit_deploy.engines.tensorrt import build_engine, require_tensorrt_gpu
 from evit_deploy.export.onnx import DEFAULT_OPSET, export_onnx

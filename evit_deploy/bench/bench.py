@@ -12,6 +12,7 @@ its `to_dict` is the one JSON schema of both (README, "bench JSON").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from evit_deploy.bench.baseline import baseline_engine, baseline_onnx, quantized
 from evit_deploy.bench.end_to_end import EndToEndResult, time_end_to_end
 from evit_deploy.data.samples import find_images
 from evit_deploy.errors import UsageError
+from evit_deploy.model.config import EvitOverrides
 from evit_deploy.model.flops import count_macs, count_params
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.base import Backend
@@ -231,8 +233,8 @@ def load_baseline(
     artifact's plain ViT quantized the same way), and its file."""
     kind = backend_for(path, backend)
     if kind == "pytorch":
-        options = {**options, "keep_rate": PLAIN_KEEP_RATE}
-        return path, load_backend(path, "pytorch", device, **options)
+        evit = dataclasses.replace(options.get("evit") or EvitOverrides(), keep_rate=PLAIN_KEEP_RATE)
+        return path, load_backend(path, "pytorch", device, **{**options, "evit": evit})
     if kind == "tensorrt":
         engine = baseline_engine(path, device)
         return engine, load_backend(engine, "tensorrt", device)

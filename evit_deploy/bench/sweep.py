@@ -9,6 +9,7 @@ folder, and the results are plotted against the keep rate.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from evit_deploy.data.samples import find_samples
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.fileio import atomic_output
 from evit_deploy.install import PLOT_INSTALL
+from evit_deploy.metadata import read_onnx_metadata
+from evit_deploy.model.config import EvitOverrides
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.predictor import Predictor
 from evit_deploy.bench.bench import (
@@ -58,7 +61,6 @@ def sweep_variants(
 ) -> list[Variant]:
     """What to load for each keep rate: the checkpoint with that keep rate (PyTorch), or an ONNX
     exported from the source's weights (ONNX Runtime; the source itself at its own keep rate)."""
-
     path = Path(path)
     kind, source_kind = backend_for(path, backend), backend_for(path, "auto")
     if "tensorrt" in (kind, source_kind):
@@ -69,13 +71,16 @@ def sweep_variants(
     if kind == "pytorch":
         if source_kind != "pytorch":
             raise UsageError("the pytorch backend sweeps a checkpoint: give the .pth/.safetensors")
-        return [Variant(k, path, "pytorch", {**options, "keep_rate": k}) for k in keep_rates]
+        evit = options.get("evit") or EvitOverrides()
+        return [
+            Variant(k, path, "pytorch", {**options, "evit": dataclasses.replace(evit, keep_rate=k)})
+            for k in keep_rates
+        ]
+    evit = options.pop("evit", None)
     if source_kind == "onnxruntime":
-        from evit_deploy.metadata import read_onnx_metadata
-
         metadata = read_onnx_metadata(path)
     else:
-        metadata = load_backend(path, "pytorch", "cpu").metadata
+        metadata = load_backend(path, "pytorch", "cpu", evit).metadata
     variants = []
     for k in keep_rates:
         if source_kind == "onnxruntime" and k == metadata.keep_rate:

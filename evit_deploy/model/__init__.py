@@ -4,10 +4,11 @@ The configuration (model.config, model.flops) is plain Python; the model and che
 need torch, so they are imported on first use and `info` or `plan` never load torch.
 """
 
-from evit_deploy.model.config import ARCHS, ALIASES, EvitConfig, plan_tokens, resolve_arch
+from evit_deploy.model.config import ARCHS, ALIASES, EvitConfig, EvitOverrides, plan_tokens, resolve_arch
 
 _WITH_TORCH = {
     "build_model": "evit_deploy.model.checkpoint",
+    "load_model": "evit_deploy.model.checkpoint",
     "read_state_dict": "evit_deploy.model.checkpoint",
     "EViT": "evit_deploy.model.vit",
     "init_random_weights": "evit_deploy.model.vit",
@@ -27,7 +28,9 @@ __all__ = [
     "ALIASES",
     "EViT",
     "EvitConfig",
+    "EvitOverrides",
     "build_model",
+    "load_model",
     "init_random_weights",
     "plan_tokens",
     "read_state_dict",

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from evit_deploy.errors import EvitDeployError, first_line
-from evit_deploy.model.config import ARCHS, EvitConfig, Preprocessing
+from evit_deploy.model.config import ARCHS, EvitConfig, EvitOverrides, Preprocessing
 from evit_deploy.model.vit import EViT, init_random_weights
 
 CONTAINER_KEYS = ("model", "state_dict", "model_ema", "module")
@@ -173,6 +173,16 @@ def build_model(
     return model.eval()
 
 
+def load_model(
+    checkpoint: str | Path | None, evit: EvitOverrides = EvitOverrides(),
+    labels: str | Path | None = None,
+) -> EViT:
+    """A checkpoint as the CLI loads it: the architecture read off the weights (unless
+    `evit.model` names one), EViT settings from `evit` over EvitConfig's defaults."""
+    config, state = checkpoint_config(checkpoint, evit)
+    return build_model(config, checkpoint, state=state, labels=labels)
+
+
 def checkpoint_settings(path: str | Path) -> dict:
     """What a safetensors checkpoint says about its model in its header metadata (the shipped
     model writes them; other files have none): {"preprocessing": Preprocessing} where given.
@@ -210,17 +220,15 @@ def read_class_names(path: str | Path, num_classes: int) -> list[str]:
         )
     return names
 def checkpoint_config(
-    checkpoint: str | Path | None, model: str | None = None, **settings
+    checkpoint: str | Path | None, evit: EvitOverrides = EvitOverrides()
 ) -> tuple[EvitConfig, dict[str, torch.Tensor] | None]:
     """The configuration to build for a checkpoint, and its state dict (read once, for
-    build_model): the architecture is read off the weights unless `model` names one (a model
-    that does not fit them fails when they are loaded). Without a checkpoint: `model`, else the
-    default architecture, for random weights."""
+    build_model): the architecture is read off the weights unless `evit.model` names one (a model
+    that does not fit them fails when they are loaded). Without a checkpoint: `evit.model`, else
+    the default architecture, for random weights."""
     state = read_state_dict(checkpoint) if checkpoint is not None else None
-    if model is None and state is not None:
-        model = infer_model_name(state, checkpoint)
-    config = EvitConfig(model, **settings) if model is not None else EvitConfig(**settings)
-    return config, state
+    inferred = infer_model_name(state, checkpoint) if state is not None and evit.model is None else None
+    return evit.config(inferred), state
 
 
 def file_sha256(path: str | Path) -> str:

@@ -192,6 +192,48 @@ class EvitConfig:
         return any(b.keep is not None for b in self.token_plan)
 
 
+@dataclass(frozen=True)
+class EvitOverrides:
+    """The EViT settings a user gives for a checkpoint (the CLI's EViT options, Predictor's and
+    load_backend's `evit`), from the command line down to the PyTorch backend. None leaves the
+    architecture read off the weights and EvitConfig's defaults: those live in EvitConfig alone.
+    An exported artifact carries its own settings, so overrides for one are refused."""
+
+    model: str | None = None
+    keep_rate: float | None = None
+    drop_loc: tuple[int, ...] | None = None
+    fuse_token: bool | None = None
+    img_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.drop_loc is not None:
+            object.__setattr__(self, "drop_loc", tuple(int(b) for b in self.drop_loc))
+
+    def given(self) -> dict:
+        """The settings given, by EvitConfig field name."""
+        return {
+            name: value for name, value in
+            (("model", self.model), ("keep_rate", self.keep_rate), ("drop_loc", self.drop_loc),
+             ("fuse_token", self.fuse_token), ("img_size", self.img_size))
+            if value is not None
+        }
+
+    def flags(self) -> str:
+        """The given settings as the CLI spells them: '--keep-rate, --img-size'."""
+        return ", ".join("--" + name.replace("_", "-") for name in self.given())
+
+    def config(self, model: str | None = None, num_classes: int | None = None) -> EvitConfig:
+        """EvitConfig for these settings; `model` (read off a checkpoint) unless one was given."""
+        settings = self.given()
+        settings.setdefault("model", model or EvitConfig.model)
+        if num_classes is not None:
+            settings["num_classes"] = num_classes
+        return EvitConfig(**settings)
+
+    def __bool__(self) -> bool:
+        return bool(self.given())
+
+
 def parse_drop_loc(text: str) -> tuple[int, ...]:
     """Parse '3,6,9' (the CLI form); an empty string means no drop blocks."""
     try:

@@ -3,12 +3,12 @@ given) and loads it behind the one Backend interface (base.py)."""
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 
 
 from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.model.config import EvitOverrides
 from evit_deploy.runtime.base import Backend
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "pytorch")
@@ -38,19 +38,36 @@ def backend_for(path: Path, backend: str) -> str:
         ) from None
 
 
-def load_backend(path: str | Path, backend: str = "auto", device: str | None = None, **options) -> Backend:
+def check_overrides(path: Path, backend: str, evit: EvitOverrides | None) -> str:
+    """The backend `path` runs on; EViT settings given for anything but a checkpoint are refused
+    (an exported artifact carries its own)."""
+    kind = backend_for(Path(path), backend)
+    if evit and kind != "pytorch":
+        raise UsageError(f"settings ({evit.flags()}) are for checkpoints; {Path(path).name} carries its own")
+    return kind
+
+
+def load_backend(
+    path: str | Path,
+    backend: str = "auto",
+    device: str | None = None,
+    evit: EvitOverrides | None = None,
+    **options,
+) -> Backend:
     """Load `path` on the backend its suffix implies (or the one named).
 
+    evit: EViT settings for a checkpoint (an exported artifact carries its own: refused).
     options: onnxruntime: providers, threads; openvino: precision (fp32, bf16), threads,
-    fp32_topk_scores; pytorch: model, keep_rate, drop_loc, fuse_token, img_size, fp16, compile,
-    threads; tensorrt: none.
+    fp32_topk_scores; pytorch: fp16, compile, threads; tensorrt: none.
     """
     path = Path(path)
     if not path.exists():
         raise EvitDeployError(f"artifact not found: {path}")
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give a model file")
-    kind = backend_for(path, backend)
+    kind = check_overrides(path, backend, evit)
+    if evit:
+        options["evit"] = evit
     if device not in (None, "auto") and not DEVICE.fullmatch(device):
         raise UsageError(f"unknown device '{device}'; use cpu, cuda or cuda:N")
     threads = options.get("threads")
@@ -74,11 +91,10 @@ def load_backend(path: str | Path, backend: str = "auto", device: str | None = N
         from evit_deploy.runtime.torch_backend import TorchBackend as backend_class
     else:
         from evit_deploy.runtime.tensorrt_backend import TensorRTBackend as backend_class
-    accepted = set(inspect.signature(backend_class).parameters) - {"path", "device"}
-    unknown = sorted(set(options) - accepted)
+    unknown = sorted(set(options) - set(backend_class.options))
     if unknown:
         raise UsageError(
             f"the {kind} backend does not take {', '.join(unknown)}; it takes "
-            f"{', '.join(sorted(accepted)) or 'no options'}"
+            f"{', '.join(sorted(backend_class.options)) or 'no options'}"
         )
     return backend_class(path, device=device, **options)

@@ -23,6 +23,7 @@ class Backend(ABC):
     min_batch: int = 1
     max_batch: int | None = None  # None: any batch size
     thread_safe: bool = True  # False: the Predictor serialises calls
+    options: tuple[str, ...] = ()  # the keyword options its constructor takes beside path, device
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:

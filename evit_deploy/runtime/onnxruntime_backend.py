@@ -49,6 +49,7 @@ def choose_providers(
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    options = ("providers", "threads")
 
     def __init__(
         self,

@@ -220,6 +220,7 @@ def runtime_precisions(compiled, names: set[str]) -> dict[str, str]:
 
 class OpenVINOBackend(Backend):
     name = "openvino"
+    options = ("precision", "threads", "fp32_topk_scores")
     thread_safe = False  # one infer request, reused
 
     def __init__(

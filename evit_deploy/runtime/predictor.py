@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.model.config import EvitOverrides
 from evit_deploy.preprocess import preprocess
 from evit_deploy.runtime.backends import load_backend
 from evit_deploy.runtime.base import Backend
@@ -37,7 +38,7 @@ class Predictor:
     """Load an artifact (.onnx, .plan/.engine, .pt/.pth/.safetensors) and run it in batches.
 
     Settings (input size, normalisation, classes) come from the artifact's metadata; for a
-    PyTorch checkpoint, EViT settings are keyword options (model, keep_rate, drop_loc, ...).
+    PyTorch checkpoint, EViT settings come as `evit` (EvitOverrides(keep_rate=0.5, ...)).
     `path` may also be a Backend already loaded (a custom runtime), used as it is.
     """
 
@@ -47,14 +48,15 @@ class Predictor:
         backend: str = "auto",
         device: str | None = None,
         max_batch: int | None = None,
+        evit: EvitOverrides | None = None,
         **options,
     ):
         if isinstance(path, Backend):
-            if backend != "auto" or device is not None or options:
+            if backend != "auto" or device is not None or evit or options:
                 raise UsageError("a loaded Backend takes no backend, device or options")
             self.backend: Backend = path
         else:
-            self.backend = load_backend(path, backend, device, **options)
+            self.backend = load_backend(path, backend, device, evit, **options)
         self.metadata = self.backend.metadata
         if max_batch is not None and max_batch <= 0:
             raise EvitDeployError(f"max_batch must be positive, got {max_batch}")

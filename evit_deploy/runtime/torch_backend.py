@@ -1,7 +1,7 @@
 """PyTorch backend: eager on CPU; on CUDA fp16 by default, optionally torch.compile'd.
 
-Runs a checkpoint directly (the reference the exports are validated against); EViT settings are
-options because a checkpoint does not carry them, the architecture is read off its weights.
+Runs a checkpoint directly (the reference the exports are validated against); EViT settings come
+as EvitOverrides because a checkpoint does not carry them, the architecture is read off its weights.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from evit_deploy.errors import UsageError
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.model.checkpoint import build_model, checkpoint_config
-from evit_deploy.model.config import DEFAULT_DROP_LOC
+from evit_deploy.model.config import EvitOverrides
 from evit_deploy.runtime.base import Backend, cpu_name
 
 
@@ -34,16 +34,13 @@ def resolve_device(device: str | None) -> torch.device:
 
 class TorchBackend(Backend):
     name = "pytorch"
+    options = ("evit", "fp16", "compile", "threads")
 
     def __init__(
         self,
         path: str | Path | None,
         device: str | None = None,
-        model: str | None = None,
-        keep_rate: float = 0.7,
-        drop_loc: tuple[int, ...] = DEFAULT_DROP_LOC,
-        fuse_token: bool = True,
-        img_size: int = 224,
+        evit: EvitOverrides = EvitOverrides(),
         fp16: bool | None = None,
         compile: bool = False,
         threads: int | None = None,
@@ -54,10 +51,7 @@ class TorchBackend(Backend):
         self.dtype = torch.float16 if (fp16 is not False and self.device.type == "cuda") else torch.float32
         if threads:
             torch.set_num_threads(threads)
-        config, state = checkpoint_config(
-            path, model, keep_rate=keep_rate, drop_loc=tuple(drop_loc), fuse_token=fuse_token,
-            img_size=img_size,
-        )
+        config, state = checkpoint_config(path, evit)
         net = build_model(config, path, state=state)
         self.model = net.to(self.device, self.dtype)
         self.metadata = ArtifactMetadata.from_model(net)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from evit_deploy.install import SERVE_INSTALL
+from evit_deploy.model.config import EvitOverrides
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.runtime import Predictor
 from evit_deploy.runtime.backends import backend_for
@@ -163,7 +164,7 @@ def _require_pytriton() -> None:
 class EvitServer:
     """Start with `start()` (or `with EvitServer(...) as server:`), stop with `stop()`.
 
-    settings: a checkpoint's EViT settings (model, keep_rate, ...), as for Predictor."""
+    evit: a checkpoint's EViT settings, as for Predictor."""
 
     def __init__(
         self,
@@ -172,14 +173,14 @@ class EvitServer:
         backend: str = "auto",
         device: str | None = None,
         backend_options: dict | None = None,  # e.g. precision for openvino
-        **settings,
+        evit: EvitOverrides | None = None,
     ):
         self.artifact = Path(artifact)
         self.backend_options = dict(backend_options or {})
         self.options = options or ServeOptions()
         self.backend = backend
         self.device = device
-        self.settings = settings
+        self.evit = evit
         self.predictors: list[Predictor] = []
         self.metrics: ServeMetrics | None = None
         self.triton = None
@@ -211,7 +212,7 @@ class EvitServer:
         if opts.workers > 1 and kind in ("onnxruntime", "openvino", "pytorch") and self.device in (None, "cpu"):
             extra["threads"] = max(1, (os.cpu_count() or 1) // opts.workers)
         self.predictors = [
-            Predictor(self.artifact, self.backend, self.device, **extra, **self.settings)
+            Predictor(self.artifact, self.backend, self.device, evit=self.evit, **extra)
             for _ in range(opts.workers)
         ]
         limit = self.predictors[0].max_batch

@@ -1,0 +1,3 @@
+from evit_deploy.cli.app import main
+
+main()
