@@ -113,7 +113,7 @@ else
     say "GPU: $CUDA"
     # 2. TensorRT (export works without onnxslim: it only skips the simplification).
     if ! has_module tensorrt; then
-        skip "tensorrt" "TensorRT is not installed (pip install 'tensorrt>=10,<12')"
+        skip "tensorrt" "TensorRT is not installed (pip install 'tensorrt>=10.12,<12')"
     else
         tensorrt_steps
     fi

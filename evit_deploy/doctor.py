@@ -22,11 +22,11 @@ from pathlib import Path
 
 from evit_deploy import __version__
 from evit_deploy.engines.support import (
-    MIN_TENSORRT_MAJOR,
+    MIN_TENSORRT_TEXT,
     TENSORRT_INSTALL,
     TORCH_CUDA_INSTALL,
     has_fast_fp16,
-    tensorrt_major,
+    tensorrt_too_old,
 )
 from evit_deploy.runtime.cpu_features import CpuFeatures, missing_bf16, probe_cpu
 
@@ -219,8 +219,8 @@ def tensorrt_problem(trt: Package) -> str | None:
         return f"TensorRT not installed: {TENSORRT_INSTALL}"
     if trt.error:
         return f"TensorRT {trt.version} does not load ({trt.error}): {TENSORRT_INSTALL}"
-    if tensorrt_major(trt.version) < MIN_TENSORRT_MAJOR:
-        return f"TensorRT {trt.version} is older than {MIN_TENSORRT_MAJOR}: {TENSORRT_INSTALL}"
+    if tensorrt_too_old(trt.version):
+        return f"TensorRT {trt.version} is older than {MIN_TENSORRT_TEXT} (strongly typed builds): {TENSORRT_INSTALL}"
     return None
 
 

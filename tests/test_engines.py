@@ -363,7 +363,7 @@ def test_missing_tensorrt_and_gpu_is_one_line_with_install_hints(monkeypatch):
         engines_trt.require_tensorrt_gpu(None, "build-engine")
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith("build-engine needs TensorRT 10+ and an NVIDIA GPU: ")
+    assert message.startswith("build-engine needs TensorRT 10.12+ and an NVIDIA GPU: ")
     assert "TensorRT is not installed (pip install 'evit-deploy[tensorrt]', or in a clone pip install -e '.[tensorrt]')" in message
     assert "sees no CUDA GPU" in message and "download.pytorch.org" in message
 
@@ -372,6 +372,13 @@ def test_old_or_broken_tensorrt(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
     with pytest.raises(EvitDeployError, match="TensorRT 8.6.1 is too old"):
         engines_trt.import_tensorrt()
+    # 10.0-10.11 have strongly typed networks, but strong typing is complete from 10.12 on
+    monkeypatch.setitem(sys.modules, "tensorrt", load_fake_tensorrt("10.11.0"))
+    with pytest.raises(EvitDeployError, match=r"TensorRT 10.11.0 is too old: strongly typed builds need 10.12\+"):
+        engines_trt.import_tensorrt()
+    for version in ("10.12.0", "11.1.0"):
+        monkeypatch.setitem(sys.modules, "tensorrt", load_fake_tensorrt(version))
+        assert engines_trt.import_tensorrt().__version__ == version
     monkeypatch.delitem(sys.modules, "tensorrt")
     (tmp_path / "tensorrt.py").write_text("raise OSError('libnvinfer.so.10: cannot open shared object file')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -419,10 +426,10 @@ def test_cli_build_engine_usage_errors_come_first(traced_onnx, tmp_path, monkeyp
 # real API names of TensorRT 10.x and 11.x, recording the calls)
 
 FAKE_TENSORRT = Path(__file__).resolve().parent / "fake_tensorrt"
-TENSORRT_VERSIONS = ["10.9.0", "11.1.0"]
+TENSORRT_VERSIONS = ["10.12.0", "11.1.0"]  # the oldest supported and the newest
 
 
-def load_fake_tensorrt(version: str = "10.9.0") -> types.ModuleType:
+def load_fake_tensorrt(version: str = "10.16.0") -> types.ModuleType:
     """A fresh copy of the fake module (its own call log), as TensorRT `version`."""
     spec = importlib.util.spec_from_file_location("tensorrt", FAKE_TENSORRT / "tensorrt.py")
     module = importlib.util.module_from_spec(spec)
@@ -442,7 +449,7 @@ def load_fake_tensorrt(version: str = "10.9.0") -> types.ModuleType:
 def fake_build_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(tmp_path / "cache"))
 
-    def install(version: str = "10.9.0", gpu: CudaGpu = GPU):
+    def install(version: str = "10.16.0", gpu: CudaGpu = GPU):
         trt = load_fake_tensorrt(version)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         monkeypatch.setattr(engines_trt, "cuda_gpu", lambda device: gpu)
@@ -537,7 +544,7 @@ def test_fp32_build_converts_nothing(traced_onnx, tmp_path, fake_build_environme
     assert ("build_serialized_network", [], flag) in trt.calls and precision_calls(trt) == []
     assert set(network_types(trt).values()) == {"FLOAT"}
     assert result.header.precision == "fp32" and result.header.fp32_layers == [] and not result.converted
-    assert result.timing_cache == Path(os.environ["EVIT_DEPLOY_CACHE"]) / "tensorrt" / "timing-trt10.9.0-sm8.9.cache"
+    assert result.timing_cache == Path(os.environ["EVIT_DEPLOY_CACHE"]) / "tensorrt" / "timing-trt10.16.0-sm8.9.cache"
     assert result.timing_cache.read_bytes() == b"cache:"
 
 
@@ -802,7 +809,7 @@ HAS_GPU = torch.cuda.is_available()
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 gpu_tensorrt = pytest.mark.skipif(
     not (HAS_GPU and HAS_TENSORRT),
-    reason=f"needs a CUDA GPU and TensorRT 10+ (GPU: {'yes' if HAS_GPU else 'no'}, TensorRT: {'yes' if HAS_TENSORRT else 'no'})",
+    reason=f"needs a CUDA GPU and TensorRT 10.12+ (GPU: {'yes' if HAS_GPU else 'no'}, TensorRT: {'yes' if HAS_TENSORRT else 'no'})",
 )
 
 

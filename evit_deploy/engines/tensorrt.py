@@ -1,4 +1,4 @@
-"""ONNX -> TensorRT engine with the TensorRT 10.x / 11.x Python API.
+"""ONNX -> TensorRT engine with the TensorRT 10.12+ / 11.x Python API.
 
 Every build is a strongly typed network (NetworkDefinitionCreationFlag.STRONGLY_TYPED): TensorRT
 runs each tensor in the type the ONNX graph gives it, so precision is decided in the graph. An FP16
@@ -35,11 +35,11 @@ from evit_deploy.engines.header import EngineHeader, read_engine_header, write_e
 from evit_deploy.engines.precheck import precheck_onnx
 from evit_deploy.engines.settings import BuildSettings
 from evit_deploy.engines.support import (
-    MIN_TENSORRT_MAJOR,
+    MIN_TENSORRT_TEXT,
     TENSORRT_INSTALL,
     TORCH_CUDA_INSTALL,
     has_fast_fp16,
-    tensorrt_major,
+    tensorrt_too_old,
 )
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
@@ -130,7 +130,7 @@ def require_tensorrt_gpu(device: str | None, purpose: str):
     except EvitDeployError as exc:
         missing.append(str(exc))
     if missing:
-        raise EvitDeployError(f"{purpose} needs TensorRT {MIN_TENSORRT_MAJOR}+ and an NVIDIA GPU: " + "; ".join(missing))
+        raise EvitDeployError(f"{purpose} needs TensorRT {MIN_TENSORRT_TEXT}+ and an NVIDIA GPU: " + "; ".join(missing))
     return trt, gpu
 
 
@@ -141,8 +141,10 @@ def import_tensorrt():
         raise EvitDeployError(f"TensorRT is not installed ({TENSORRT_INSTALL})") from None
     except Exception as exc:  # installed, but its CUDA libraries do not load
         raise EvitDeployError(f"TensorRT is installed but does not load ({_first_line(exc)})") from None
-    if tensorrt_major(trt.__version__) < MIN_TENSORRT_MAJOR:
-        raise EvitDeployError(f"TensorRT {trt.__version__} is too old ({TENSORRT_INSTALL})")
+    if tensorrt_too_old(trt.__version__):
+        raise EvitDeployError(
+            f"TensorRT {trt.__version__} is too old: strongly typed builds need {MIN_TENSORRT_TEXT}+ ({TENSORRT_INSTALL})"
+        )
     return trt
 
 

@@ -17,7 +17,7 @@ pyGraph.cpp, python/src/parsers/pyOnnx.cpp) and include/NvInfer.h, release/10.16
   step_complete cancels the build (PyProgressMonitor returns False).
 
 Imported as `tensorrt` (put this folder first on the path) it reads, from the environment:
-  FAKE_TENSORRT_VERSION    default 10.9.0
+  FAKE_TENSORRT_VERSION    default 10.16.0
   FAKE_CUDA_GPU            "NAME;MAJOR.MINOR": also make torch report that one CUDA GPU, so a
                            command gets past the GPU check on a machine without one
   FAKE_TENSORRT_STEPS, FAKE_TENSORRT_STEP_SECONDS   build length (default 4 steps, no wait)
@@ -33,7 +33,7 @@ import time
 import types
 from pathlib import Path
 
-__version__ = os.environ.get("FAKE_TENSORRT_VERSION", "10.9.0")
+__version__ = os.environ.get("FAKE_TENSORRT_VERSION", "10.16.0")
 MAJOR = int(__version__.split(".")[0])
 calls: list[tuple] = []  # what evit-deploy asked for, in order
 builders: list = []
