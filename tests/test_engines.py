@@ -507,7 +507,7 @@ def test_fp16_build_converts_an_fp32_onnx_and_builds_it_strongly_typed(traced_on
     half = [name for name, kind in kinds.items() if kind == "HALF"]
     assert len(half) > 200
     read_back, plan = read_engine(result.path)
-    assert plan == b"SERIALIZED-PLAN" and read_back == header
+    assert plan.startswith(trt.PLAN_MAGIC) and read_back == header
     assert (header.tensorrt_version, header.gpu_name, header.compute_capability) == (version, GPU.name, "8.9")
     assert header.settings == settings and header.input_shape == [3, 64, 64] and header.onnx == "tiny.onnx"
     assert result.tensorrt_warnings == ["weights converted to FP16"]
@@ -591,6 +591,77 @@ def test_detailed_profile_for_the_engine_inspector(traced_onnx, tmp_path, fake_b
     assert trt.builders[-1].config.profiling_verbosity == trt.ProfilingVerbosity.LAYER_NAMES_ONLY
 
 
+class CpuStream:
+    """torch.cuda.Stream and Event as far as TensorRTBackend uses them, for its run path on the
+    CPU (no CUDA here)."""
+
+    cuda_stream = 0
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def elapsed_time(self, end):
+        return 0.0
+
+
+@pytest.fixture
+def fake_engine(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
+    """A TensorRTBackend on the fake's FP32 engine (profile 1..8), its buffers on the CPU."""
+    from evit_deploy.runtime.tensorrt_backend import TensorRTBackend
+
+    def load(version: str = "10.16.0"):
+        trt = fake_build_environment(version)
+        for name in ("Stream", "Event"):
+            monkeypatch.setattr(torch.cuda, name, CpuStream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: CpuStream())
+        settings = BuildSettings("fp32", BatchProfile(1, 4, 8), timing_cache=str(tmp_path / "c"))
+        backend = TensorRTBackend(engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings).path)
+        backend.device = torch.device("cpu")
+        return trt, backend
+
+    return load
+
+
+@pytest.mark.parametrize("version", TENSORRT_VERSIONS)
+def test_backend_loads_an_engine_and_runs_it_by_tensor_name(fake_engine, version):
+    """I/O names, types and the profile read back from the engine; the input shape set once per
+    new shape; every buffer bound by address (the GPU work itself is left to the GPU tests)."""
+    trt, backend = fake_engine(version)
+    assert (backend.input_name, backend.output_names, backend.min_batch, backend.max_batch) == ("images", ["logits"], 1, 8)
+    assert backend._dtypes == {"images": torch.float32, "logits": torch.float32}
+    images = np.zeros((5, 3, 64, 64), np.float32)
+    for batch in (3, 3, 5):
+        assert backend.run(images[:batch]).shape == (batch, METADATA.num_classes)
+    shapes = [c[2] for c in trt.calls if c[0] == "set_input_shape"]
+    assert shapes == [(3, 3, 64, 64), (5, 3, 64, 64)]
+    runs = [c[2] for c in trt.calls if c[0] == "execute_async_v3"]
+    assert len(runs) == 3 and runs[-1]["logits"] == backend._buffers["logits"].data_ptr()
+
+
+def test_backend_reports_what_tensorrt_rejects(fake_engine, tmp_path):
+    trt, backend = fake_engine()
+    with pytest.raises(EvitDeployError, match=r"rejected input shape \(2, 3, 32, 32\) for t.plan: .*Static dimension mismatch"):
+        backend.run_prepared(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(EvitDeployError, match=r"batch 9 is outside t.plan's profile \[1, 8\]"):
+        backend.run(np.zeros((9, 3, 64, 64), np.float32))
+    assert backend.run(np.zeros((2, 3, 64, 64), np.float32)).shape == (2, METADATA.num_classes)
+    header, _ = read_engine(tmp_path / "t.plan")
+    write_engine(tmp_path / "u.plan", header, b"not a plan")
+    from evit_deploy.runtime.tensorrt_backend import TensorRTBackend
+
+    with pytest.raises(EvitDeployError, match=r"TensorRT cannot load u.plan \(.*Magic tag does not match\)\); rebuild it"):
+        TensorRTBackend(tmp_path / "u.plan")
+
+
 def test_island_precisions_read_from_inspector_layers(traced_onnx):
     """The check gpu_check.sh runs on a real engine, here on inspector JSON written by hand in
     the format Polygraphy reads (Name, Inputs/Outputs with Name and Format/Datatype)."""
@@ -641,7 +712,7 @@ def test_baseline_engine_gets_the_islands_of_an_fp16_export(traced_onnx, tmp_pat
 
 
 def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_engine(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
-    fake_build_environment()
+    trt = fake_build_environment()
     output = tmp_path / "t.plan"
     seen = []
 
@@ -653,17 +724,17 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_engine(traced_on
     with pytest.warns(UserWarning, match="timing cache not saved .*No space left on device.*the engine was written"):
         result = engines_trt.build_engine(traced_onnx, output, BuildSettings(timing_cache=str(tmp_path / "c")))
     assert seen == [True] and not result.timing_cache_saved
-    assert read_engine(output)[1] == b"SERIALIZED-PLAN"
+    assert read_engine(output)[1].startswith(trt.PLAN_MAGIC)
 
 
 def test_unreadable_or_damaged_caches_start_a_new_one(traced_onnx, tmp_path, fake_build_environment):
-    fake_build_environment()
+    trt = fake_build_environment()
     folder_cache = tmp_path / "cache-is-a-folder"
     (folder_cache / "x").mkdir(parents=True)
     with pytest.warns(UserWarning) as caught:
         result = engines_trt.build_engine(traced_onnx, tmp_path / "a.plan", BuildSettings(timing_cache=str(folder_cache)))
     assert any("timing cache not saved" in str(w.message) for w in caught)
-    assert read_engine(result.path)[1] == b"SERIALIZED-PLAN" and not result.timing_cache_saved
+    assert read_engine(result.path)[1].startswith(trt.PLAN_MAGIC) and not result.timing_cache_saved
     damaged = tmp_path / "damaged.cache"
     damaged.write_bytes(b"damaged bytes")
     with pytest.warns(UserWarning, match="damaged or from another GPU/TensorRT; starting a new one"):
