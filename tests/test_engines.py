@@ -662,32 +662,69 @@ def test_backend_reports_what_tensorrt_rejects(fake_engine, tmp_path):
         TensorRTBackend(tmp_path / "u.plan")
 
 
-def test_island_precisions_read_from_inspector_layers(traced_onnx):
-    """The check gpu_check.sh runs on a real engine, here on inspector JSON written by hand in
-    the format Polygraphy reads (Name, Inputs/Outputs with Name and Format/Datatype)."""
-    from evit_deploy.engines.layer_precisions import check_island_precisions, island_tensors
+def topk_island_tensors(traced_onnx) -> dict[str, str]:
+    """The island tensors of the default FP16 conversion (tensor -> node)."""
+    from evit_deploy.engines.layer_precisions import island_tensors
     from evit_deploy.export.precision import convert_to_fp16
 
     conversion = convert_to_fp16(onnx.load(str(traced_onnx)))
-    tensors = island_tensors(conversion.model, conversion.fp32_nodes)
+    return island_tensors(conversion.model, conversion.fp32_nodes)
+
+
+def tensor_10x(name: str, fp32: bool) -> dict:
+    return {"Name": name, "Dimensions": [-1, 3, 17, 17], "Format/Datatype": "Row major linear FP32" if fp32 else "Row major linear FP16 format"}
+
+
+def tensor_11x(name: str, fp32: bool) -> dict:
+    """TensorRT 11 split "Format/Datatype" into "Format" and "Datatype"."""
+    layout = "Row major linear FP32 format (kLINEAR)" if fp32 else "Row major linear FP16 format (kLINEAR)"
+    return {"Name": name, "Dimensions": [-1, 3, 17, 17], "Format": layout, "Datatype": "Float" if fp32 else "Half"}
+
+
+@pytest.mark.parametrize("tensor", [tensor_10x, tensor_11x], ids=["10.x", "11.x"])
+def test_island_precisions_read_from_inspector_layers(traced_onnx, tensor):
+    """The check gpu_check.sh runs on a real engine, here on inspector JSON written by hand in
+    the 10.x format Polygraphy reads (Name, Inputs/Outputs with Name and Format/Datatype) and in
+    11.x's, whose type is a field of its own."""
+    from evit_deploy.engines.layer_precisions import check_island_precisions, tensor_type
+
+    tensors = topk_island_tensors(traced_onnx)
     by_node = {node: tensor for tensor, node in tensors.items()}
     assert len(tensors) == 21  # one float output per island node (TopK's indices are not float)
     softmax, mean, topk = (by_node[f"/blocks.3/{n}"] for n in ("attn/Softmax", "attn/ReduceMean", "TopK"))
-
-    def tensor(name, kind):
-        return {"Name": name, "Dimensions": [-1, 3, 17, 17], "Format/Datatype": kind}
-
     layers = [
-        {"Name": "/blocks.3/attn/Softmax", "LayerType": "SoftMax", "Inputs": [tensor("x", "Half")],
-         "Outputs": [tensor(softmax, "Row major linear FP32")]},
-        {"Name": "/blocks.3/TopK", "LayerType": "TopK", "Inputs": [tensor(mean, "Float")], "Outputs": [tensor(topk, "Row major linear FP32")]},
+        {"Name": "/blocks.3/attn/Softmax", "LayerType": "SoftMax", "Inputs": [tensor("x", False)], "Outputs": [tensor(softmax, True)]},
+        {"Name": "/blocks.3/TopK", "LayerType": "TopK", "Inputs": [tensor(mean, True)], "Outputs": [tensor(topk, True)]},
     ]
     result = check_island_precisions(layers, tensors)
     assert result.passed and set(result.fp32) == {softmax, mean, topk} and len(result.not_visible) == 18
-    layers[1]["Inputs"] = [tensor(mean, "Row major linear FP16 format")]
+    layers[1]["Inputs"] = [tensor(mean, False)]
     result = check_island_precisions(layers, tensors)
-    assert not result.passed and result.not_fp32 == {mean: "Row major linear FP16 format"}
+    assert not result.passed and result.not_fp32 == {mean: tensor_type(tensor(mean, False))}
     assert "1 NOT FP32" in result.summary() and "18 inside fused layers" in result.summary()
+
+
+def test_bfloat16_is_not_fp32():
+    from evit_deploy.engines.layer_precisions import is_fp32
+
+    assert is_fp32("Row major linear FP32") and is_fp32("Float") and is_fp32("FLOAT")
+    assert not any(is_fp32(kind) for kind in ("Row major linear BFloat16 format", "BFloat16", "Half", "Row major linear FP16 format", ""))
+
+
+@pytest.mark.parametrize("version", TENSORRT_VERSIONS)
+def test_island_precisions_of_an_engine_read_back_with_the_inspector(traced_onnx, tmp_path, fake_build_environment, version):
+    """An FP16 engine built with --detailed-profile, loaded and read back through the engine
+    inspector in the JSON its TensorRT version writes: every island tensor FP32."""
+    from evit_deploy.engines.layer_precisions import check_island_precisions, engine_layers
+
+    trt = fake_build_environment(version)
+    settings = BuildSettings(detailed_profile=True, timing_cache=str(tmp_path / "c"))
+    _, plan = read_engine(engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings).path)
+    engine = trt.Runtime(engines_trt.tensorrt_logger(trt)).deserialize_cuda_engine(plan)
+    layers = engine_layers(trt, engine)
+    assert len(layers) > 300 and all(isinstance(layer, dict) for layer in layers)
+    result = check_island_precisions(layers, topk_island_tensors(traced_onnx))
+    assert result.passed and len(result.fp32) == 21 and result.not_fp32 == {} and result.not_visible == []
 
 
 def test_baseline_engine_gets_the_islands_of_an_fp16_export(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
