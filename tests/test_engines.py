@@ -686,7 +686,7 @@ def test_island_precisions_read_from_inspector_layers(traced_onnx, tensor):
     """The check gpu_check.sh runs on a real engine, here on inspector JSON written by hand in
     the 10.x format Polygraphy reads (Name, Inputs/Outputs with Name and Format/Datatype) and in
     11.x's, whose type is a field of its own."""
-    from evit_deploy.engines.layer_precisions import check_island_precisions, tensor_type
+    from evit_deploy.engines.layer_precisions import Verdict, check_island_precisions, tensor_type
 
     tensors = topk_island_tensors(traced_onnx)
     by_node = {node: tensor for tensor, node in tensors.items()}
@@ -697,11 +697,17 @@ def test_island_precisions_read_from_inspector_layers(traced_onnx, tensor):
         {"Name": "/blocks.3/TopK", "LayerType": "TopK", "Inputs": [tensor(mean, True)], "Outputs": [tensor(topk, True)]},
     ]
     result = check_island_precisions(layers, tensors)
-    assert result.passed and set(result.fp32) == {softmax, mean, topk} and len(result.not_visible) == 18
+    assert result.verdict is Verdict.PASS and set(result.fp32) == {softmax, mean, topk} and len(result.not_visible) == 18
     layers[1]["Inputs"] = [tensor(mean, False)]
     result = check_island_precisions(layers, tensors)
-    assert not result.passed and result.not_fp32 == {mean: tensor_type(tensor(mean, False))}
+    assert result.verdict is Verdict.FAIL and result.not_fp32 == {mean: tensor_type(tensor(mean, False))}
     assert "1 NOT FP32" in result.summary() and "18 inside fused layers" in result.summary()
+    # every island inside one fused layer: nothing was checked, which is not a pass
+    fused = [{"Name": "{ForeignNode[/patch_embed/proj/Conv.../head/Gemm]}", "LayerType": "Myelin",
+              "Inputs": [tensor("images", True)], "Outputs": [tensor("logits", True)]}]
+    result = check_island_precisions(fused, tensors)
+    assert result.verdict is Verdict.NO_EVIDENCE and len(result.not_visible) == 21
+    assert result.summary() == "no evidence: none of the 21 island tensor(s) is visible in the engine"
 
 
 def test_bfloat16_is_not_fp32():
@@ -715,7 +721,7 @@ def test_bfloat16_is_not_fp32():
 def test_island_precisions_of_an_engine_read_back_with_the_inspector(traced_onnx, tmp_path, fake_build_environment, version):
     """An FP16 engine built with --detailed-profile, loaded and read back through the engine
     inspector in the JSON its TensorRT version writes: every island tensor FP32."""
-    from evit_deploy.engines.layer_precisions import check_island_precisions, engine_layers
+    from evit_deploy.engines.layer_precisions import Verdict, check_island_precisions, engine_layers
 
     trt = fake_build_environment(version)
     settings = BuildSettings(detailed_profile=True, timing_cache=str(tmp_path / "c"))
@@ -724,7 +730,38 @@ def test_island_precisions_of_an_engine_read_back_with_the_inspector(traced_onnx
     layers = engine_layers(trt, engine)
     assert len(layers) > 300 and all(isinstance(layer, dict) for layer in layers)
     result = check_island_precisions(layers, topk_island_tensors(traced_onnx))
-    assert result.passed and len(result.fp32) == 21 and result.not_fp32 == {} and result.not_visible == []
+    assert result.verdict is Verdict.PASS and len(result.fp32) == 21 and result.not_fp32 == {} and result.not_visible == []
+
+
+def run_layer_precision_script(*argv: str) -> int:
+    """benchmarks/trt_layer_precisions.py's main() with these arguments."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "trt_layer_precisions.py"
+    spec = importlib.util.spec_from_file_location("trt_layer_precisions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv_before = sys.argv
+    sys.argv = [str(path), *argv]
+    try:
+        return module.main()
+    finally:
+        sys.argv = argv_before
+
+
+@pytest.mark.parametrize(
+    "detailed, fused, code, verdict",
+    [(True, False, 0, "PASS"), (True, True, 3, "NO EVIDENCE"), (False, False, 3, "NO EVIDENCE")],
+    ids=["visible", "all-fused", "not-detailed"],
+)
+def test_layer_precision_script_tells_no_evidence_from_a_pass(traced_onnx, tmp_path, fake_build_environment, capsys, detailed, fused, code, verdict):
+    """gpu_check.sh's island check: exit 0 when the islands are seen in FP32, 3 (not a pass) when
+    none is visible, because every island is inside a fused layer or the engine has no details."""
+    trt = fake_build_environment("11.1.0")
+    trt.fuse_into_foreign_node = fused
+    settings = BuildSettings(detailed_profile=detailed, timing_cache=str(tmp_path / "c"))
+    engine = engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings).path
+    assert run_layer_precision_script(str(traced_onnx), str(engine), "--json", str(tmp_path / "r.json")) == code
+    assert f"topk_scores: {verdict}: " in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["verdict"] == verdict.lower()
 
 
 def test_baseline_engine_gets_the_islands_of_an_fp16_export(traced_onnx, tmp_path, fake_build_environment, monkeypatch):

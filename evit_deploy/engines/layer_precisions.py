@@ -11,19 +11,27 @@ main). Both forms are read, the keys in any case ("DataType" is how the 11.x gui
 I/O tensors' field).
 Tensors of an ONNX-parsed network keep their ONNX names, so the outputs of the graph's FP32 nodes
 can be found in it. Inside a fused region (a Myelin "ForeignNode") only the region's boundary
-tensors are visible; an island tensor that is not visible is reported as such, not guessed.
-The checking is pure (tested without a GPU); `engine_layers` needs TensorRT.
+tensors are visible; an island tensor that is not visible is reported as such, not guessed, and
+when none is visible the verdict is "no evidence", not a pass. The checking is pure (tested
+without a GPU); `engine_layers` needs TensorRT.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 
 import onnx
 
 FP32_WORDS = ("FP32", "FLOAT")
 NARROWER_WORDS = ("FP16", "HALF", "BF16", "BFLOAT", "FP8", "INT8")  # "BFloat16" contains FLOAT
+
+
+class Verdict(str, Enum):
+    PASS = "pass"  # every visible island tensor is FP32, and at least one is visible
+    FAIL = "fail"  # a visible island tensor is not FP32
+    NO_EVIDENCE = "no evidence"  # no island tensor is visible: nothing was checked
 
 
 @dataclass
@@ -35,10 +43,14 @@ class IslandPrecisions:
     not_visible: list[str] = field(default_factory=list)
 
     @property
-    def passed(self) -> bool:
-        return not self.not_fp32
+    def verdict(self) -> Verdict:
+        if self.not_fp32:
+            return Verdict.FAIL
+        return Verdict.PASS if self.fp32 else Verdict.NO_EVIDENCE
 
     def summary(self) -> str:
+        if self.verdict is Verdict.NO_EVIDENCE:
+            return f"no evidence: none of the {len(self.not_visible)} island tensor(s) is visible in the engine"
         parts = [f"{len(self.fp32)} island tensor(s) FP32"]
         if self.not_fp32:
             shown = ", ".join(f"{name} ({kind})" for name, kind in list(self.not_fp32.items())[:5])
