@@ -843,8 +843,8 @@ def test_an_interrupt_inside_a_callback_still_cancels(traced_onnx, tmp_path, fak
     trt = fake_build_environment()
     raised = []
 
-    def interrupt_in_log(text):
-        if text == "step 0" and not raised:
+    def interrupt_in_log(text):  # TensorRT's warning before the first step
+        if text.startswith("weights") and not raised:
             raised.append(text)
             raise KeyboardInterrupt
         return text
@@ -907,6 +907,25 @@ def test_one_logger_for_the_process_with_operation_marks(traced_onnx, tmp_path, 
     for settings in (BuildSettings(timing_cache=str(tmp_path / "c")), BuildSettings("fp32", timing_cache=str(tmp_path / "c"))):
         engines_trt.build_engine(traced_onnx, tmp_path / f"{settings.precision}.plan", settings)
     assert len(trt.builders) == 2 and all(builder.logger is logger for builder in trt.builders)
+
+
+def test_early_warnings_outlast_a_builds_chatter(traced_onnx, tmp_path, fake_build_environment):
+    """A real build logs thousands of INFO and VERBOSE lines (the fake: onnx-tensorrt's per-node
+    lines); they are counted, not kept, so a warning from the start of a long build is still
+    reported at its end."""
+    trt = fake_build_environment()
+    logger = engines_trt.tensorrt_logger(trt)
+    result = engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", BuildSettings(timing_cache=str(tmp_path / "c")))
+    build_messages = logger.message_count
+    assert build_messages > 1500 and result.tensorrt_warnings == ["weights converted to FP16"]
+    operation = logger.start("a long build")
+    logger.log(trt.ILogger.Severity.WARNING, "an early warning")
+    for number in range(30_000):
+        logger.log(trt.ILogger.Severity.VERBOSE if number % 2 else trt.ILogger.Severity.INFO, f"chatter {number}")
+    logger.log(trt.ILogger.Severity.ERROR, "the error")
+    assert operation.warnings == ["an early warning"] and operation.errors == ["the error"]
+    assert operation.message_count == 30_002 and logger.message_count == build_messages + 30_002
+    assert len(logger._kept) == 2 + 1  # this operation's warning and error, the build's warning
 
 
 def test_log_never_raises(fake_build_environment, monkeypatch):

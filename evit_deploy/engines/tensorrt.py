@@ -185,6 +185,11 @@ class TensorRTOperation:
     def warnings(self) -> list[str]:
         return self.logger.messages_since(self.start, ("WARNING",))
 
+    @property
+    def message_count(self) -> int:
+        """Every message TensorRT logged since the operation started, kept or only counted."""
+        return self.logger.message_count - self.start
+
     def raise_if_interrupted(self) -> None:
         """Ctrl-C that arrived while TensorRT was calling log() (where raising is swallowed)."""
         if self.logger.take_interrupt():
@@ -208,45 +213,52 @@ def tensorrt_logger(trt):
         return _LOGGER
 
 
+KEPT_SEVERITIES = ("INTERNAL_ERROR", "ERROR", "WARNING")
+
+
 def _make_logger(trt):
     class ProcessLogger(trt.ILogger):
-        """Keeps the latest messages (errors and warnings for the one-line reports) instead of
-        printing TensorRT's chatter. log() runs inside TensorRT's noexcept wrapper, which would
-        swallow an exception as "[ERROR] Exception caught in log()" (python/src/infer/pyCore.cpp,
+        """Keeps TensorRT's errors and warnings (for the one-line reports) and only counts its
+        INFO and VERBOSE chatter, thousands of lines a build, which would otherwise push the
+        early warnings out. log() runs inside TensorRT's noexcept wrapper, which would swallow an
+        exception as "[ERROR] Exception caught in log()" (python/src/infer/pyCore.cpp,
         PyLogger): it never raises, and a KeyboardInterrupt caught there is handed back to the
         operation (TensorRTOperation.raise_if_interrupted)."""
 
-        MAX_MESSAGES = 10_000
+        MAX_KEPT = 100_000  # far more than builds log; only so a long-running server stays bounded
 
         def __init__(self):
             trt.ILogger.__init__(self)
             self.trt = trt
             self._lock = threading.Lock()
-            self._messages: deque[tuple[int, str, str]] = deque(maxlen=self.MAX_MESSAGES)
-            self._count = 0
+            self._kept: deque[tuple[int, str, str]] = deque(maxlen=self.MAX_KEPT)  # (number, severity, text)
+            self._count = 0  # every message's number, kept or not
             self._interrupted = False
 
         def log(self, severity, msg):
             try:
                 name = getattr(severity, "name", str(severity)).split(".")[-1]
+                text = _one_line(msg) if name in KEPT_SEVERITIES else None
                 with self._lock:
-                    self._messages.append((self._count, name, _one_line(msg)))
+                    if text is not None:
+                        self._kept.append((self._count, name, text))
                     self._count += 1
             except KeyboardInterrupt:
                 self._interrupted = True
             except BaseException:  # noqa: BLE001 - nothing may escape into TensorRT
                 pass
 
+        @property
+        def message_count(self) -> int:
+            return self._count
+
         def start(self, label: str) -> TensorRTOperation:
             with self._lock:
-                start = self._count
-                self._messages.append((start, "OPERATION", label))
-                self._count += 1
-            return TensorRTOperation(self, label, start)
+                return TensorRTOperation(self, label, self._count)
 
         def messages_since(self, start: int, severities: tuple[str, ...]) -> list[str]:
             with self._lock:
-                return [text for number, kind, text in self._messages if number >= start and kind in severities]
+                return [text for number, kind, text in self._kept if number >= start and kind in severities]
 
         @property
         def interrupt_pending(self) -> bool:
@@ -433,7 +445,7 @@ def build_engine(
         if plan is None:
             raise EvitDeployError(
                 f"TensorRT could not build {onnx_path.name}: "
-                + (" | ".join(operation.errors[-5:]) or "no details (out of GPU memory? try --workspace)")
+                + (" | ".join(operation.errors[-5:]) or f"no error among its {operation.message_count} messages (out of GPU memory? try --workspace)")
             )
         cache_data = _serialize_timing_cache(config) if cache is not None else None
     header = EngineHeader(
