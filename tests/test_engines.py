@@ -801,7 +801,7 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_engine(traced_on
     assert read_engine(output)[1].startswith(trt.PLAN_MAGIC)
 
 
-def test_unreadable_or_damaged_caches_start_a_new_one(traced_onnx, tmp_path, fake_build_environment):
+def test_an_unreadable_cache_starts_a_new_one(traced_onnx, tmp_path, fake_build_environment):
     trt = fake_build_environment()
     folder_cache = tmp_path / "cache-is-a-folder"
     (folder_cache / "x").mkdir(parents=True)
@@ -809,11 +809,29 @@ def test_unreadable_or_damaged_caches_start_a_new_one(traced_onnx, tmp_path, fak
         result = engines_trt.build_engine(traced_onnx, tmp_path / "a.plan", BuildSettings(timing_cache=str(folder_cache)))
     assert any("timing cache not saved" in str(w.message) for w in caught)
     assert read_engine(result.path)[1].startswith(trt.PLAN_MAGIC) and not result.timing_cache_saved
-    damaged = tmp_path / "damaged.cache"
-    damaged.write_bytes(b"damaged bytes")
-    with pytest.warns(UserWarning, match="damaged or from another GPU/TensorRT; starting a new one"):
-        result = engines_trt.build_engine(traced_onnx, tmp_path / "b.plan", BuildSettings(timing_cache=str(damaged)))
-    assert damaged.read_bytes() == b"cache:" and result.timing_cache_saved
+
+
+@pytest.mark.parametrize(
+    "data, behaviour, reason",
+    [
+        (b"damaged bytes", "logs", "The timing cache will not be used!"),  # what TensorRT does (#3566)
+        (b"damaged bytes", "none", "The timing cache will not be used!"),
+        (b"damaged bytes", "raises", "Failed to create timing cache"),
+        (b"other-gpu timings", "logs", "Timing cache header mismatch"),
+    ],
+    ids=["damaged-logs-errors", "damaged-returns-none", "damaged-raises", "other-gpu"],
+)
+def test_a_refused_timing_cache_is_replaced_by_a_new_one(traced_onnx, tmp_path, fake_build_environment, data, behaviour, reason):
+    """However TensorRT refuses a cache file (errors in the log and a useless cache, None, an
+    exception, or set_timing_cache False), the build says so, uses a new cache and writes it."""
+    trt = fake_build_environment("11.1.0")
+    trt.damaged_timing_cache = behaviour
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(data)
+    with pytest.warns(UserWarning, match=f"timing cache .*timing.cache is damaged or from another GPU/TensorRT \\(.*{reason}.*\\); starting a new one"):
+        result = engines_trt.build_engine(traced_onnx, tmp_path / "b.plan", BuildSettings(timing_cache=str(cache)))
+    assert cache.read_bytes() == b"cache:" and result.timing_cache_saved
+    assert trt.builders[-1].config.cache.data == b""  # the build ran with the new cache
 
 
 # Fix 2: Ctrl-C and SIGTERM cancel the build through the progress monitor

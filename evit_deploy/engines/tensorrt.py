@@ -432,10 +432,11 @@ def build_engine(
         config.clear_flag(trt.BuilderFlag.TF32)
         if settings.detailed_profile:  # ProfilingVerbosity.DETAILED: TensorRT 10 and 11
             config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        cache = _load_timing_cache(config, cache_path)
+        cache = _load_timing_cache(config, cache_path, logger)
         monitor = _progress_monitor(trt, on_step, logger)
         config.progress_monitor = monitor
         on_step(f"building the {graph.precision} engine (minutes; Ctrl-C cancels; the timing cache speeds up rebuilds)")
+        building = logger.start(f"build {onnx_path.name}")  # its errors, not the timing cache's
         with _stop_requests_to(monitor):
             plan = builder.build_serialized_network(network, config)
         if monitor.interrupted is not None:
@@ -445,7 +446,7 @@ def build_engine(
         if plan is None:
             raise EvitDeployError(
                 f"TensorRT could not build {onnx_path.name}: "
-                + (" | ".join(operation.errors[-5:]) or f"no error among its {operation.message_count} messages (out of GPU memory? try --workspace)")
+                + (" | ".join(building.errors[-5:]) or f"no error among its {building.message_count} messages (out of GPU memory? try --workspace)")
             )
         cache_data = _serialize_timing_cache(config) if cache is not None else None
     header = EngineHeader(
@@ -497,22 +498,38 @@ def build_baseline_engine(engine_path: str | Path, device: str | None = None) ->
     return target
 
 
-def _load_timing_cache(config, path: Path):
-    """Reuse the cache file if TensorRT accepts it, else start an empty one; None when no cache
-    can be set at all. A cache that cannot be read costs a warning, never the build."""
+def _load_timing_cache(config, path: Path, logger):
+    """Reuse the cache file if TensorRT takes it, else start an empty one; None when no cache
+    can be set at all. A cache that cannot be read or is refused costs a warning, never the
+    build."""
     try:
         data = path.read_bytes() if path.is_file() else b""
     except OSError as exc:
         warnings.warn(f"timing cache {path} cannot be read ({exc.strerror or exc}); starting a new one", stacklevel=3)
         data = b""
-    cache = config.create_timing_cache(data) if data else None
-    if cache is None or not config.set_timing_cache(cache, False):
-        if data:
-            warnings.warn(f"timing cache {path} is damaged or from another GPU/TensorRT; starting a new one", stacklevel=3)
-        cache = config.create_timing_cache(b"")
-        if cache is None or not config.set_timing_cache(cache, False):
-            return None
-    return cache
+    if data:
+        cache, problem = _set_timing_cache(config, data, logger)
+        if cache is not None:
+            return cache
+        warnings.warn(f"timing cache {path} is damaged or from another GPU/TensorRT ({problem}); starting a new one", stacklevel=3)
+    return _set_timing_cache(config, b"", logger)[0]
+
+
+def _set_timing_cache(config, data: bytes, logger):
+    """(the cache, None) once TensorRT has taken `data` as the config's timing cache, else (None,
+    why not). TensorRT refuses a damaged cache by logging errors, not by failing the call
+    ("Serialization assertion magicTagRead == kMAGIC_TAG failed", then "The timing cache will not
+    be used!": NVIDIA/TensorRT#3566), one from another GPU by an error and set_timing_cache
+    returning False ("Timing cache header mismatch"); the binding may also raise or return None."""
+    reading = logger.start("timing cache")
+    try:
+        cache = config.create_timing_cache(data)
+        taken = cache is not None and config.set_timing_cache(cache, False)
+    except Exception as exc:  # noqa: BLE001 - whatever the binding raises, the build goes on
+        return None, _first_line(exc)
+    if reading.errors:
+        return None, reading.errors[-1]
+    return (cache, None) if taken else (None, "TensorRT did not take it")
 
 
 def _serialize_timing_cache(config) -> bytes | None:

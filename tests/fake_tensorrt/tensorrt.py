@@ -65,6 +65,7 @@ builders: list = []
 step_hooks: dict[int, object] = {}  # build step -> callable run when the step completes
 fail_parse = False
 fuse_into_foreign_node = False  # the engine is one Myelin region: only graph inputs/outputs visible
+damaged_timing_cache = "logs"  # what create_timing_cache does with damaged bytes: "logs", "none", "raises"
 PLAN_MAGIC = b"FAKE-TENSORRT-PLAN\n"  # followed by the engine's description as JSON
 
 
@@ -300,7 +301,8 @@ class ITimingCache:
 
 
 class IBuilderConfig:
-    def __init__(self):
+    def __init__(self, logger):
+        self.logger = logger
         self.flags: set[str] = set()
         self.cache = None
         self.progress_monitor = None
@@ -324,10 +326,23 @@ class IBuilderConfig:
         self.flags.discard(flag.name)
 
     def create_timing_cache(self, serialized_timing_cache):
-        return ITimingCache(bytes(serialized_timing_cache))
+        """Damaged bytes (here: starting with b"damaged"): TensorRT logs two errors and the build
+        goes on without the cache (NVIDIA/TensorRT#3566, 8.6); whether the binding then returns an
+        empty cache, None or raises is not documented, so `damaged_timing_cache` picks one."""
+        data = bytes(serialized_timing_cache)
+        if not data.startswith(b"damaged"):
+            return ITimingCache(data)
+        if damaged_timing_cache == "raises":
+            raise RuntimeError("Failed to create timing cache")
+        _log(self.logger, "ERROR", "1: [stdArchiveReader.cpp::StdArchiveReaderInitCommon::36] Error Code 1: Serialization (Serialization assertion magicTagRead == kMAGIC_TAG failed.Magic tag does not match)")
+        _log(self.logger, "ERROR", "4: The timing cache will not be used!")
+        return ITimingCache(b"") if damaged_timing_cache == "logs" else None
 
     def set_timing_cache(self, cache, ignore_mismatch):
-        if cache.data.startswith(b"damaged"):
+        """A cache from another GPU (here: starting with b"other-gpu") is refused with an error
+        and False (NvInfer.h: "true if set successfully, false otherwise")."""
+        if cache.data.startswith(b"other-gpu") and not ignore_mismatch:
+            _log(self.logger, "ERROR", "[timingCache.cpp::validate::905] Error Code 4: API Usage Error (Timing cache header mismatch: Incoming ITimingCache: UUID = GPU-0000, Runtime device: UUID = GPU-1111. The incoming cache will not be used!)")
             return False
         self.cache = cache
         return True
@@ -347,7 +362,7 @@ class Builder:
         return self.network
 
     def create_builder_config(self):
-        self.config = IBuilderConfig()
+        self.config = IBuilderConfig(self.logger)
         return self.config
 
     def create_optimization_profile(self):
