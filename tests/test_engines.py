@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 import warnings
@@ -873,6 +874,75 @@ def test_an_interrupt_inside_a_callback_still_cancels(traced_onnx, tmp_path, fak
     assert raised and not any(c[0] == "swallowed" for c in trt.calls)
     assert ("cancelled", 0) in trt.calls  # stopped at the next step
     assert not (tmp_path / "t.plan").exists()
+
+
+def call_in_thread(function, *args):
+    """function(*args) on a new thread (as TensorRT's own threads call the monitor)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(function(*args)))
+    thread.start()
+    thread.join(timeout=30)
+    return result[0]
+
+
+def test_a_recorded_stop_cancels_from_any_thread(fake_build_environment, monkeypatch):
+    """A stop that the CLI's handler recorded (evit_deploy.interrupt) cancels at the next step,
+    also when TensorRT calls step_complete from one of its own threads, where no
+    KeyboardInterrupt ever arrives."""
+    from evit_deploy import interrupt
+
+    trt = fake_build_environment()
+    monitor = engines_trt._progress_monitor(trt, lambda step: None, engines_trt.tensorrt_logger(trt))
+    assert call_in_thread(monitor.step_complete, "Building engine", 0) is True
+    monkeypatch.setattr(interrupt, "_requested", True)
+    assert call_in_thread(monitor.step_complete, "Building engine", 1) is False
+    assert monitor.interrupted == signal.SIGINT
+
+
+def test_a_build_off_the_main_thread_stops_on_a_recorded_stop(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
+    """build_engine in a worker thread installs no handler; the CLI's handler records the stop and
+    the build still ends at its next step, then raises."""
+    from evit_deploy import interrupt
+
+    trt = fake_build_environment()
+    trt.step_hooks[1] = lambda: monkeypatch.setattr(interrupt, "_requested", True)
+    settings = BuildSettings(timing_cache=str(tmp_path / "c"))
+
+    def build():
+        try:
+            engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings)
+        except KeyboardInterrupt:
+            return "interrupted"
+        return "built"
+
+    assert call_in_thread(build) == "interrupted"
+    assert ("cancelled", 1) in trt.calls and not (tmp_path / "t.plan").exists()
+
+
+def test_a_signal_stops_the_build_while_the_main_thread_is_inside_tensorrt(fake_build_environment, request):
+    """The Python handler runs only on the main thread, which TensorRT holds for the whole build;
+    the signal still reaches a step that TensorRT reports from another thread, through the wakeup
+    pipe CPython's C-level handler writes to. Here the signal lands on that other thread, and the
+    handler installed for the build only records that it ran, so the pipe alone can stop it."""
+    trt = fake_build_environment()
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, old))
+    assert signal.set_wakeup_fd(-1) == -1  # nobody else's wakeup fd in this process
+    monitor = engines_trt._progress_monitor(trt, lambda step: None, engines_trt.tensorrt_logger(trt))
+    handled = []
+    monitor.request_stop = lambda signum, frame=None: handled.append(signum)
+
+    def tensorrt_thread():
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while monitor.step_complete("Building engine", 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return monitor.interrupted
+
+    with engines_trt._stop_requests_to(monitor):
+        assert call_in_thread(tensorrt_thread) == signal.SIGTERM
+    assert handled in ([], [signal.SIGTERM])  # the handler ran on the main thread, or not yet
+    assert signal.set_wakeup_fd(-1) == -1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_cli_ctrl_c_during_a_build(traced_onnx, tmp_path):

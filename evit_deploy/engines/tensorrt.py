@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import signal
 import threading
@@ -27,10 +28,11 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evit_deploy import interrupt
 from evit_deploy.engines.header import EngineHeader, read_engine_header, write_engine
 from evit_deploy.engines.precheck import precheck_onnx
 from evit_deploy.engines.settings import BuildSettings
@@ -278,17 +280,32 @@ def _make_logger(trt):
 def _progress_monitor(trt, on_step: Callable[[str], None], logger):
     """A trt.IProgressMonitor that shows the build's top-level phases and cancels the build once
     interrupted: step_complete returning False asks TensorRT to stop (NvInfer.h, IProgressMonitor;
-    Python: config.progress_monitor, python/src/infer/pyCore.cpp). A KeyboardInterrupt raised in
-    a callback (here, or in the logger's log()) is caught (TensorRT's wrapper would swallow it)
-    and turned into a cancel."""
+    Python: config.progress_monitor, python/src/infer/pyCore.cpp). TensorRT may call it "from
+    multiple internal threads" (NvInfer.h), where no Python signal handler runs and no
+    KeyboardInterrupt arrives, so every step checks flags instead (stop_requested). A
+    KeyboardInterrupt that is raised in a callback (here, or in the logger's log()) is caught
+    (TensorRT's wrapper would swallow it) and turned into a cancel too."""
 
     class BuildMonitor(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
             self.interrupted: int | None = None  # the signal that asked to stop
+            self.wakeup: int | None = None  # read end of the signal wakeup pipe (_signal_wakeup)
 
         def request_stop(self, signum, frame=None) -> None:
             self.interrupted = signum
+
+        def stop_requested(self) -> bool:
+            """From any thread: our handler ran (request_stop), the CLI's handler recorded a stop
+            (a build off the main thread keeps it), a Ctrl-C was caught in log(), or a signal
+            reached the wakeup pipe (its byte is written as the signal arrives, while the main
+            thread is inside TensorRT and cannot run a Python handler)."""
+            if self.interrupted is None:
+                signum = _stop_signal(self.wakeup)
+                if signum is None and (interrupt.requested() or logger.interrupt_pending):
+                    signum = signal.SIGINT
+                self.interrupted = signum
+            return self.interrupted is not None
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             try:
@@ -301,9 +318,7 @@ def _progress_monitor(trt, on_step: Callable[[str], None], logger):
 
         def step_complete(self, phase_name, step):
             try:
-                if logger.interrupt_pending and self.interrupted is None:
-                    self.interrupted = signal.SIGINT
-                return self.interrupted is None
+                return not self.stop_requested()
             except KeyboardInterrupt:
                 self.interrupted = signal.SIGINT
                 return False
@@ -318,7 +333,8 @@ def _progress_monitor(trt, on_step: Callable[[str], None], logger):
 def _stop_requests_to(monitor) -> Iterator[None]:
     """While TensorRT builds, Ctrl-C and SIGTERM only ask the monitor to stop (the build then
     ends at its next step and the interrupt is raised after it returns). Signals that were
-    ignored stay ignored; off the main thread nothing changes."""
+    ignored stay ignored; off the main thread nothing changes (the monitor still sees a stop the
+    CLI's handler records)."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -328,10 +344,50 @@ def _stop_requests_to(monitor) -> Iterator[None]:
             previous[signum] = handler
             signal.signal(signum, monitor.request_stop)
     try:
-        yield
+        with _signal_wakeup(monitor) if previous else nullcontext():
+            yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextmanager
+def _signal_wakeup(monitor) -> Iterator[None]:
+    """A pipe for signal.set_wakeup_fd, read by the monitor: CPython's C-level handler writes
+    each signal's number to it at once, whichever thread the signal lands on, while the Python
+    handler waits for the main thread, which sits in build_serialized_network (the binding
+    releases the GIL) for as long as TensorRT calls back only from its own threads. A wakeup fd
+    someone else set (an asyncio loop's) is left in place."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    try:
+        other = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        if other != -1:
+            signal.set_wakeup_fd(other)
+            yield
+            return
+        monitor.wakeup = read
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(-1)
+            monitor.wakeup = None
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def _stop_signal(wakeup: int | None) -> int | None:
+    """SIGINT or SIGTERM if the wakeup pipe holds one (other signals' bytes are dropped)."""
+    if wakeup is None:
+        return None
+    try:
+        received = os.read(wakeup, 512)
+    except OSError:  # empty (non-blocking), or closed once the build returned
+        return None
+    stops = [signum for signum in received if signum in (signal.SIGINT, signal.SIGTERM)]
+    return stops[0] if stops else None
 
 
 # ---------------------------------------------------------------------------------------------
