@@ -4,14 +4,17 @@
 #   2. where TensorRT is installed (TensorRT first: it is what this script exists for):
 #      export (FP32, token indices; onnxslim not needed), build-engine FP16 (strongly typed, the
 #      graph converted with FP32 TopK-score islands, --detailed-profile), the islands' precision
-#      read back with the engine inspector (fails if one is not FP32), an FP32 engine, kept tokens
+#      read back with the engine inspector (fails if one is not FP32, "no evidence" if none is
+#      visible), an FP32 engine, kept tokens
 #      and top-1 of both engines against FP32 ONNX Runtime at batch 1, 7, 64 and 128 (before the
 #      bench: NVIDIA/TensorRT#2299), then bench against the plain-ViT engine built with the same
 #      settings, and if time remains the FP16 engine without the score islands
 #   3. PyTorch CUDA fp16, eager and torch.compile: deit_small EViT keep 0.7 vs plain ViT at batch 64
 #   4. FP16 and EViT's token choice: FP16 scores vs FP32 scores (PyTorch on the GPU)
-# Parts whose requirements are missing are skipped with one line saying why; the whole run stays
-# within GPU_CHECK_BUDGET_S seconds (default 570, 9.5 minutes).
+# Parts whose requirements are missing (no GPU, no TensorRT, a Python module that does not import:
+# onnx and onnxruntime are needed by the TensorRT part only) are skipped with one line saying why,
+# and the rest is measured. Every step, the preflight included, runs under a timeout, and the
+# whole run stays within GPU_CHECK_BUDGET_S seconds (default 570, 9.5 minutes).
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]     (default: $OUT/gpu_check, else a temp folder)
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -37,7 +40,8 @@ say() { echo "[gpu_check +${SECONDS}s] $*"; }
 skip() { say "SKIP $1: $2"; SUMMARY+=("skipped  $1: $2"); }
 
 # step NAME MAX_SECONDS MIN_SECONDS CMD...: run CMD with a timeout that respects the budget,
-# output to the terminal and RESULTS/NAME.log; returns CMD's status (124: timed out).
+# output to the terminal and RESULTS/NAME.log; returns CMD's status (124: timed out; 3: it ran
+# but found nothing to judge, e.g. no island tensor visible in the engine: not a failure).
 step() {
     local name="$1" max="$2" min="$3"; shift 3
     local left=$((BUDGET - SECONDS))
@@ -53,30 +57,57 @@ step() {
     case $status in
         0) SUMMARY+=("ok       $name") ;;
         124) SUMMARY+=("TIMEOUT  $name (after ${limit}s)") ;;
+        3) SUMMARY+=("NO EVIDENCE $name (see $RESULTS/$name.log)") ;;
         *) SUMMARY+=("FAILED   $name (exit $status, see $RESULTS/$name.log)") ;;
     esac
     return $status
 }
 
-has_module() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
-
 say "python: $PY; results: $RESULTS"
-# Preflight (CPU-safe): the project and the benchmark helpers import from the source tree without
-# onnxslim and safetensors (absent on the GPU image), and which GPU PyTorch sees.
-PREFLIGHT="$("$PY" -c "
-import sys
+# Preflight (CPU-safe, at most 120 s): which GPU PyTorch sees, whether TensorRT is installed (not
+# imported here), and per part whether its Python modules import from the source tree without
+# onnxslim and safetensors (absent on the GPU image): "part NAME ok" or "part NAME REASON".
+# The TensorRT part's modules (onnx, onnxruntime, its helpers) are tried only where TensorRT is.
+PREFLIGHT="$(timeout --kill-after=10 120 "$PY" - 2>&1 <<'PYTHON'
+import importlib, importlib.util, sys
 sys.modules.update(onnxslim=None, safetensors=None)
-import torch, evit_deploy.cli, gpu_torch_fp16, fp16_topk_scores, trt_kept_tokens, trt_layer_precisions
-print(torch.__version__)
-print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
-")" || { echo "gpu_check: $PY cannot import torch, evit_deploy and the helpers from $ROOT (set PYTHON)" >&2; exit 1; }
-TORCH="$(echo "$PREFLIGHT" | sed -n 1p)"
-CUDA="$(echo "$PREFLIGHT" | sed -n 2p)"
-say "torch $TORCH; helpers import without onnxslim and safetensors"
+import torch, evit_deploy
+print("torch", torch.__version__)
+print("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+parts = {"doctor": ["evit_deploy.cli"], "pytorch": ["gpu_torch_fp16"], "scores": ["fp16_topk_scores"]}
+if importlib.util.find_spec("tensorrt") is not None:
+    parts["tensorrt"] = ["onnx", "onnxscript", "onnxruntime", "evit_deploy.cli", "trt_kept_tokens", "trt_layer_precisions"]
+for part, modules in parts.items():
+    reason = "ok"
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            reason = f"{module} does not import ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            break
+    print("part", part, reason)
+PYTHON
+)"
+status=$?
+if [ $status -ne 0 ]; then
+    echo "$PREFLIGHT" | tail -3 >&2
+    [ $status -eq 124 ] && echo "gpu_check: the preflight timed out after 120 s" >&2
+    echo "gpu_check: $PY cannot import torch and evit_deploy from $ROOT (set PYTHON)" >&2
+    exit 1
+fi
+TORCH="$(echo "$PREFLIGHT" | sed -n 's/^torch //p')"
+CUDA="$(echo "$PREFLIGHT" | sed -n 's/^cuda //p')"
+# why NAME: "" when the part's modules import, else the reason to skip it
+why() { echo "$PREFLIGHT" | sed -n "s/^part $1 //p" | sed 's/^ok$//'; }
+say "torch $TORCH; modules import without onnxslim and safetensors where no reason is given below"
 
 # 1. Environment.
-step doctor 90 20 "$PY" -m evit_deploy doctor
-"$PY" -m evit_deploy doctor --json > "$RESULTS/doctor.json" 2>/dev/null
+if [ -n "$(why doctor)" ]; then
+    skip doctor "$(why doctor)"
+else
+    step doctor 90 20 "$PY" -m evit_deploy doctor
+    step doctor-json 60 15 bash -c '"$0" -m evit_deploy doctor --json > "$1"' "$PY" "$RESULTS/doctor.json"
+fi
 
 tensorrt_steps() {
     local onnx="$WORK/deit_small_keep0.7.onnx" fp16="$WORK/evit.fp16.plan" fp32="$WORK/evit.fp32.plan"
@@ -85,7 +116,8 @@ tensorrt_steps() {
         --with-token-indices -o "$onnx" || return
     step build-engine-fp16 200 60 "$PY" -m evit_deploy build-engine "$onnx" -o "$fp16" "${engine_args[@]}" \
         --detailed-profile --json || return
-    # Strongly typed: the score islands must be FP32 in the engine itself (exit 1 otherwise).
+    # Strongly typed: the score islands must be FP32 in the engine itself (exit 1 otherwise;
+    # 3, "no evidence", when every island tensor is inside a fused layer).
     step tensorrt-layer-precisions 60 15 "$PY" benchmarks/trt_layer_precisions.py "$onnx" "$fp16" \
         --json "$RESULTS/tensorrt_layer_precisions.json"
     local engines=("$fp16")
@@ -112,18 +144,28 @@ if [ -z "$CUDA" ]; then
 else
     say "GPU: $CUDA"
     # 2. TensorRT (export works without onnxslim: it only skips the simplification).
-    if ! has_module tensorrt; then
-        skip "tensorrt" "TensorRT is not installed (pip install 'tensorrt>=10,<12')"
+    if ! echo "$PREFLIGHT" | grep -q '^part tensorrt '; then
+        skip "tensorrt" "TensorRT is not installed (pip install 'tensorrt>=10.12,<12')"
+    elif [ -n "$(why tensorrt)" ]; then
+        skip "tensorrt" "$(why tensorrt)"
     else
         tensorrt_steps
     fi
     # 3. PyTorch CUDA fp16, eager, then compiled (separately: a failing compiler keeps the eager numbers).
-    step pytorch-cuda-fp16-eager 120 40 "$PY" benchmarks/gpu_torch_fp16.py --batch 64 --modes eager \
-        --json "$RESULTS/pytorch_cuda_fp16_eager.json"
-    step pytorch-cuda-fp16-compile 200 90 "$PY" benchmarks/gpu_torch_fp16.py --batch 64 --modes compile \
-        --json "$RESULTS/pytorch_cuda_fp16_compile.json"
+    if [ -n "$(why pytorch)" ]; then
+        skip "pytorch-cuda-fp16" "$(why pytorch)"
+    else
+        step pytorch-cuda-fp16-eager 120 40 "$PY" benchmarks/gpu_torch_fp16.py --batch 64 --modes eager \
+            --json "$RESULTS/pytorch_cuda_fp16_eager.json"
+        step pytorch-cuda-fp16-compile 200 90 "$PY" benchmarks/gpu_torch_fp16.py --batch 64 --modes compile \
+            --json "$RESULTS/pytorch_cuda_fp16_compile.json"
+    fi
     # 4. FP16 vs FP32 class-attention scores (kept tokens).
-    step fp16-topk-scores 90 30 "$PY" benchmarks/fp16_topk_scores.py --device cuda --images 256 --json "$RESULTS/fp16_topk_scores.json"
+    if [ -n "$(why scores)" ]; then
+        skip "fp16-topk-scores" "$(why scores)"
+    else
+        step fp16-topk-scores 90 30 "$PY" benchmarks/fp16_topk_scores.py --device cuda --images 256 --json "$RESULTS/fp16_topk_scores.json"
+    fi
 fi
 
 echo

@@ -20,14 +20,14 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from evit_deploy.version import __version__
+from evit_deploy.engines.support import MIN_TENSORRT_TEXT, has_fast_fp16, tensorrt_too_old
 from evit_deploy.errors import first_line
-from evit_deploy.engines.support import MIN_TENSORRT_MAJOR, has_fast_fp16, tensorrt_major
 from evit_deploy.install import (
     OPENVINO_INSTALL, ORT_GPU_INSTALL, PLOT_INSTALL, SERVE_INSTALL, TENSORRT_INSTALL,
     TORCH_CUDA_INSTALL,
 )
 from evit_deploy.runtime.cpu_features import CpuFeatures, missing_bf16, probe_cpu
+from evit_deploy.version import __version__
 
 PACKAGES = (
     "torch", "onnx", "onnxscript", "onnxruntime", "onnxslim", "safetensors", "tensorrt", "openvino", "numpy", "pillow", "typer", "rich",
@@ -214,8 +214,8 @@ def tensorrt_problem(trt: Package) -> str | None:
         return f"TensorRT not installed: {TENSORRT_INSTALL}"
     if trt.error:
         return f"TensorRT {trt.version} does not load ({trt.error}): {TENSORRT_INSTALL}"
-    if tensorrt_major(trt.version) < MIN_TENSORRT_MAJOR:
-        return f"TensorRT {trt.version} is older than {MIN_TENSORRT_MAJOR}: {TENSORRT_INSTALL}"
+    if tensorrt_too_old(trt.version):
+        return f"TensorRT {trt.version} is older than {MIN_TENSORRT_TEXT} (strongly typed builds): {TENSORRT_INSTALL}"
     return None
 
 

@@ -31,7 +31,7 @@ def here() -> DoctorReport:
 def report_with(packages: dict[str, tuple[str | None, str]], gpus=(H100,), providers=("CUDAExecutionProvider", "CPUExecutionProvider"), glibc="2.36", cpu=SAPPHIRE_RAPIDS) -> DoctorReport:
     """A report as diagnose() would make it on another machine: every package installed and
     working unless `packages` says otherwise (name -> (version, import error))."""
-    listed = {name: ("1.0", "") for name in doctor.PACKAGES} | {"tensorrt": ("10.3.0", "")} | packages
+    listed = {name: ("1.0", "") for name in doctor.PACKAGES} | {"tensorrt": ("10.16.0", "")} | packages
     report = DoctorReport(
         evit_deploy="0",
         python="3.11",
@@ -67,7 +67,7 @@ def test_this_machine(here):
 def test_a_complete_gpu_machine_can_do_everything():
     report = report_with({})
     assert all(row.available for row in report.backends + report.actions), report.backends + report.actions
-    assert by_name(report.backends)["tensorrt"].detail == "TensorRT 10.3.0 on NVIDIA H100 80GB HBM3"
+    assert by_name(report.backends)["tensorrt"].detail == "TensorRT 10.16.0 on NVIDIA H100 80GB HBM3"
 
 
 def test_missing_pieces_say_what_to_install():
@@ -87,8 +87,11 @@ def test_no_gpu_and_old_or_broken_tensorrt():
     assert not no_gpu["tensorrt"].available and no_gpu["tensorrt"].detail == doctor.NO_GPU
     assert not no_gpu["onnxruntime (cuda)"].available and not no_gpu["pytorch (cuda)"].available
     old = by_name(report_with({"tensorrt": ("8.6.1", "")}).backends)["tensorrt"]
-    assert not old.available and "older than 10" in old.detail
-    broken = by_name(report_with({"tensorrt": ("10.3.0", "OSError: libcudart.so.12")}).backends)["tensorrt"]
+    assert not old.available and "older than 10.12" in old.detail
+    weakly_typed = by_name(report_with({"tensorrt": ("10.11.0.33", "")}).backends)["tensorrt"]
+    assert not weakly_typed.available and "TensorRT 10.11.0.33 is older than 10.12 (strongly typed builds)" in weakly_typed.detail
+    assert by_name(report_with({"tensorrt": ("10.12.0.36", "")}).backends)["tensorrt"].available
+    broken = by_name(report_with({"tensorrt": ("10.16.0", "OSError: libcudart.so.12")}).backends)["tensorrt"]
     assert not broken.available and "does not load (OSError: libcudart.so.12)" in broken.detail
 
 

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 import warnings
@@ -365,7 +366,7 @@ def test_missing_tensorrt_and_gpu_is_one_line_with_install_hints(monkeypatch):
         engines_trt.require_tensorrt_gpu(None, "build-engine")
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith("build-engine needs TensorRT 10+ and an NVIDIA GPU: ")
+    assert message.startswith("build-engine needs TensorRT 10.12+ and an NVIDIA GPU: ")
     assert "TensorRT is not installed (pip install 'evit-deploy[tensorrt]', or in a clone pip install -e '.[tensorrt]')" in message
     assert "sees no CUDA GPU" in message and "download.pytorch.org" in message
 
@@ -374,6 +375,13 @@ def test_old_or_broken_tensorrt(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
     with pytest.raises(EvitDeployError, match="TensorRT 8.6.1 is too old"):
         engines_trt.import_tensorrt()
+    # 10.0-10.11 have strongly typed networks, but strong typing is complete from 10.12 on
+    monkeypatch.setitem(sys.modules, "tensorrt", load_fake_tensorrt("10.11.0"))
+    with pytest.raises(EvitDeployError, match=r"TensorRT 10.11.0 is too old: strongly typed builds need 10.12\+"):
+        engines_trt.import_tensorrt()
+    for version in ("10.12.0", "11.1.0"):
+        monkeypatch.setitem(sys.modules, "tensorrt", load_fake_tensorrt(version))
+        assert engines_trt.import_tensorrt().__version__ == version
     monkeypatch.delitem(sys.modules, "tensorrt")
     (tmp_path / "tensorrt.py").write_text("raise OSError('libnvinfer.so.10: cannot open shared object file')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -421,10 +429,10 @@ def test_cli_build_engine_usage_errors_come_first(traced_onnx, tmp_path, monkeyp
 # real API names of TensorRT 10.x and 11.x, recording the calls)
 
 FAKE_TENSORRT = Path(__file__).resolve().parent / "fake_tensorrt"
-TENSORRT_VERSIONS = ["10.9.0", "11.1.0"]
+TENSORRT_VERSIONS = ["10.12.0", "11.1.0"]  # the oldest supported and the newest
 
 
-def load_fake_tensorrt(version: str = "10.9.0") -> types.ModuleType:
+def load_fake_tensorrt(version: str = "10.16.0") -> types.ModuleType:
     """A fresh copy of the fake module (its own call log), as TensorRT `version`."""
     spec = importlib.util.spec_from_file_location("tensorrt", FAKE_TENSORRT / "tensorrt.py")
     module = importlib.util.module_from_spec(spec)
@@ -444,7 +452,7 @@ def load_fake_tensorrt(version: str = "10.9.0") -> types.ModuleType:
 def fake_build_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(tmp_path / "cache"))
 
-    def install(version: str = "10.9.0", gpu: CudaGpu = GPU):
+    def install(version: str = "10.16.0", gpu: CudaGpu = GPU):
         trt = load_fake_tensorrt(version)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         monkeypatch.setattr(engines_trt, "cuda_gpu", lambda device: gpu)
@@ -502,7 +510,7 @@ def test_fp16_build_converts_an_fp32_onnx_and_builds_it_strongly_typed(traced_on
     half = [name for name, kind in kinds.items() if kind == "HALF"]
     assert len(half) > 200
     read_back, plan = read_engine(result.path)
-    assert plan == b"SERIALIZED-PLAN" and read_back == header
+    assert plan.startswith(trt.PLAN_MAGIC) and read_back == header
     assert (header.tensorrt_version, header.gpu_name, header.compute_capability) == (version, GPU.name, "8.9")
     assert header.settings == settings and header.input_shape == [3, 64, 64] and header.onnx == "tiny.onnx"
     assert result.tensorrt_warnings == ["weights converted to FP16"]
@@ -539,7 +547,7 @@ def test_fp32_build_converts_nothing(traced_onnx, tmp_path, fake_build_environme
     assert ("build_serialized_network", [], flag) in trt.calls and precision_calls(trt) == []
     assert set(network_types(trt).values()) == {"FLOAT"}
     assert result.header.precision == "fp32" and result.header.fp32_layers == [] and not result.converted
-    assert result.timing_cache == Path(os.environ["EVIT_DEPLOY_CACHE"]) / "tensorrt" / "timing-trt10.9.0-sm8.9.cache"
+    assert result.timing_cache == Path(os.environ["EVIT_DEPLOY_CACHE"]) / "tensorrt" / "timing-trt10.16.0-sm8.9.cache"
     assert result.timing_cache.read_bytes() == b"cache:"
 
 
@@ -586,32 +594,177 @@ def test_detailed_profile_for_the_engine_inspector(traced_onnx, tmp_path, fake_b
     assert trt.builders[-1].config.profiling_verbosity == trt.ProfilingVerbosity.LAYER_NAMES_ONLY
 
 
-def test_island_precisions_read_from_inspector_layers(traced_onnx):
-    """The check gpu_check.sh runs on a real engine, here on inspector JSON written by hand in
-    the format Polygraphy reads (Name, Inputs/Outputs with Name and Format/Datatype)."""
-    from evit_deploy.engines.layer_precisions import check_island_precisions, island_tensors
+class CpuStream:
+    """torch.cuda.Stream and Event as far as TensorRTBackend uses them, for its run path on the
+    CPU (no CUDA here)."""
+
+    cuda_stream = 0
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def elapsed_time(self, end):
+        return 0.0
+
+
+@pytest.fixture
+def fake_engine(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
+    """A TensorRTBackend on the fake's FP32 engine (profile 1..8), its buffers on the CPU."""
+    from evit_deploy.runtime.tensorrt_backend import TensorRTBackend
+
+    def load(version: str = "10.16.0"):
+        trt = fake_build_environment(version)
+        for name in ("Stream", "Event"):
+            monkeypatch.setattr(torch.cuda, name, CpuStream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: CpuStream())
+        settings = BuildSettings("fp32", BatchProfile(1, 4, 8), timing_cache=str(tmp_path / "c"))
+        backend = TensorRTBackend(engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings).path)
+        backend.device = torch.device("cpu")
+        return trt, backend
+
+    return load
+
+
+@pytest.mark.parametrize("version", TENSORRT_VERSIONS)
+def test_backend_loads_an_engine_and_runs_it_by_tensor_name(fake_engine, version):
+    """I/O names, types and the profile read back from the engine; the input shape set once per
+    new shape; every buffer bound by address (the GPU work itself is left to the GPU tests)."""
+    trt, backend = fake_engine(version)
+    assert (backend.input_name, backend.output_names, backend.min_batch, backend.max_batch) == ("images", ["logits"], 1, 8)
+    assert backend._dtypes == {"images": torch.float32, "logits": torch.float32}
+    images = np.zeros((5, 3, 64, 64), np.float32)
+    for batch in (3, 3, 5):
+        assert backend.run(images[:batch]).shape == (batch, METADATA.num_classes)
+    shapes = [c[2] for c in trt.calls if c[0] == "set_input_shape"]
+    assert shapes == [(3, 3, 64, 64), (5, 3, 64, 64)]
+    runs = [c[2] for c in trt.calls if c[0] == "execute_async_v3"]
+    assert len(runs) == 3 and runs[-1]["logits"] == backend._buffers["logits"].data_ptr()
+
+
+def test_backend_reports_what_tensorrt_rejects(fake_engine, tmp_path):
+    trt, backend = fake_engine()
+    with pytest.raises(EvitDeployError, match=r"rejected input shape \(2, 3, 32, 32\) for t.plan: .*Static dimension mismatch"):
+        backend.run_prepared(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(EvitDeployError, match=r"batch 9 is outside t.plan's profile \[1, 8\]"):
+        backend.run(np.zeros((9, 3, 64, 64), np.float32))
+    assert backend.run(np.zeros((2, 3, 64, 64), np.float32)).shape == (2, METADATA.num_classes)
+    header, _ = read_engine(tmp_path / "t.plan")
+    write_engine(tmp_path / "u.plan", header, b"not a plan")
+    from evit_deploy.runtime.tensorrt_backend import TensorRTBackend
+
+    with pytest.raises(EvitDeployError, match=r"TensorRT cannot load u.plan \(.*Magic tag does not match\)\); rebuild it"):
+        TensorRTBackend(tmp_path / "u.plan")
+
+
+def topk_island_tensors(traced_onnx) -> dict[str, str]:
+    """The island tensors of the default FP16 conversion (tensor -> node)."""
+    from evit_deploy.engines.layer_precisions import island_tensors
     from evit_deploy.export.precision import convert_to_fp16
 
     conversion = convert_to_fp16(onnx.load(str(traced_onnx)))
-    tensors = island_tensors(conversion.model, conversion.fp32_nodes)
+    return island_tensors(conversion.model, conversion.fp32_nodes)
+
+
+def tensor_10x(name: str, fp32: bool) -> dict:
+    return {"Name": name, "Dimensions": [-1, 3, 17, 17], "Format/Datatype": "Row major linear FP32" if fp32 else "Row major linear FP16 format"}
+
+
+def tensor_11x(name: str, fp32: bool) -> dict:
+    """TensorRT 11 split "Format/Datatype" into "Format" and "Datatype"."""
+    layout = "Row major linear FP32 format (kLINEAR)" if fp32 else "Row major linear FP16 format (kLINEAR)"
+    return {"Name": name, "Dimensions": [-1, 3, 17, 17], "Format": layout, "Datatype": "Float" if fp32 else "Half"}
+
+
+@pytest.mark.parametrize("tensor", [tensor_10x, tensor_11x], ids=["10.x", "11.x"])
+def test_island_precisions_read_from_inspector_layers(traced_onnx, tensor):
+    """The check gpu_check.sh runs on a real engine, here on inspector JSON written by hand in
+    the 10.x format Polygraphy reads (Name, Inputs/Outputs with Name and Format/Datatype) and in
+    11.x's, whose type is a field of its own."""
+    from evit_deploy.engines.layer_precisions import Verdict, check_island_precisions, tensor_type
+
+    tensors = topk_island_tensors(traced_onnx)
     by_node = {node: tensor for tensor, node in tensors.items()}
     assert len(tensors) == 21  # one float output per island node (TopK's indices are not float)
     softmax, mean, topk = (by_node[f"/blocks.3/{n}"] for n in ("attn/Softmax", "attn/ReduceMean", "TopK"))
-
-    def tensor(name, kind):
-        return {"Name": name, "Dimensions": [-1, 3, 17, 17], "Format/Datatype": kind}
-
     layers = [
-        {"Name": "/blocks.3/attn/Softmax", "LayerType": "SoftMax", "Inputs": [tensor("x", "Half")],
-         "Outputs": [tensor(softmax, "Row major linear FP32")]},
-        {"Name": "/blocks.3/TopK", "LayerType": "TopK", "Inputs": [tensor(mean, "Float")], "Outputs": [tensor(topk, "Row major linear FP32")]},
+        {"Name": "/blocks.3/attn/Softmax", "LayerType": "SoftMax", "Inputs": [tensor("x", False)], "Outputs": [tensor(softmax, True)]},
+        {"Name": "/blocks.3/TopK", "LayerType": "TopK", "Inputs": [tensor(mean, True)], "Outputs": [tensor(topk, True)]},
     ]
     result = check_island_precisions(layers, tensors)
-    assert result.passed and set(result.fp32) == {softmax, mean, topk} and len(result.not_visible) == 18
-    layers[1]["Inputs"] = [tensor(mean, "Row major linear FP16 format")]
+    assert result.verdict is Verdict.PASS and set(result.fp32) == {softmax, mean, topk} and len(result.not_visible) == 18
+    layers[1]["Inputs"] = [tensor(mean, False)]
     result = check_island_precisions(layers, tensors)
-    assert not result.passed and result.not_fp32 == {mean: "Row major linear FP16 format"}
+    assert result.verdict is Verdict.FAIL and result.not_fp32 == {mean: tensor_type(tensor(mean, False))}
     assert "1 NOT FP32" in result.summary() and "18 inside fused layers" in result.summary()
+    # every island inside one fused layer: nothing was checked, which is not a pass
+    fused = [{"Name": "{ForeignNode[/patch_embed/proj/Conv.../head/Gemm]}", "LayerType": "Myelin",
+              "Inputs": [tensor("images", True)], "Outputs": [tensor("logits", True)]}]
+    result = check_island_precisions(fused, tensors)
+    assert result.verdict is Verdict.NO_EVIDENCE and len(result.not_visible) == 21
+    assert result.summary() == "no evidence: none of the 21 island tensor(s) is visible in the engine"
+
+
+def test_bfloat16_is_not_fp32():
+    from evit_deploy.engines.layer_precisions import is_fp32
+
+    assert is_fp32("Row major linear FP32") and is_fp32("Float") and is_fp32("FLOAT")
+    assert not any(is_fp32(kind) for kind in ("Row major linear BFloat16 format", "BFloat16", "Half", "Row major linear FP16 format", ""))
+
+
+@pytest.mark.parametrize("version", TENSORRT_VERSIONS)
+def test_island_precisions_of_an_engine_read_back_with_the_inspector(traced_onnx, tmp_path, fake_build_environment, version):
+    """An FP16 engine built with --detailed-profile, loaded and read back through the engine
+    inspector in the JSON its TensorRT version writes: every island tensor FP32."""
+    from evit_deploy.engines.layer_precisions import Verdict, check_island_precisions, engine_layers
+
+    trt = fake_build_environment(version)
+    settings = BuildSettings(detailed_profile=True, timing_cache=str(tmp_path / "c"))
+    _, plan = read_engine(engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings).path)
+    engine = trt.Runtime(engines_trt.tensorrt_logger(trt)).deserialize_cuda_engine(plan)
+    layers = engine_layers(trt, engine)
+    assert len(layers) > 300 and all(isinstance(layer, dict) for layer in layers)
+    result = check_island_precisions(layers, topk_island_tensors(traced_onnx))
+    assert result.verdict is Verdict.PASS and len(result.fp32) == 21 and result.not_fp32 == {} and result.not_visible == []
+
+
+def run_layer_precision_script(*argv: str) -> int:
+    """benchmarks/trt_layer_precisions.py's main() with these arguments."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "trt_layer_precisions.py"
+    spec = importlib.util.spec_from_file_location("trt_layer_precisions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv_before = sys.argv
+    sys.argv = [str(path), *argv]
+    try:
+        return module.main()
+    finally:
+        sys.argv = argv_before
+
+
+@pytest.mark.parametrize(
+    "detailed, fused, code, verdict",
+    [(True, False, 0, "PASS"), (True, True, 3, "NO EVIDENCE"), (False, False, 3, "NO EVIDENCE")],
+    ids=["visible", "all-fused", "not-detailed"],
+)
+def test_layer_precision_script_tells_no_evidence_from_a_pass(traced_onnx, tmp_path, fake_build_environment, capsys, detailed, fused, code, verdict):
+    """gpu_check.sh's island check: exit 0 when the islands are seen in FP32, 3 (not a pass) when
+    none is visible, because every island is inside a fused layer or the engine has no details."""
+    trt = fake_build_environment("11.1.0")
+    trt.fuse_into_foreign_node = fused
+    settings = BuildSettings(detailed_profile=detailed, timing_cache=str(tmp_path / "c"))
+    engine = engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings).path
+    assert run_layer_precision_script(str(traced_onnx), str(engine), "--json", str(tmp_path / "r.json")) == code
+    assert f"topk_scores: {verdict}: " in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["verdict"] == verdict.lower()
 
 
 def test_baseline_engine_gets_the_islands_of_an_fp16_export(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
@@ -636,7 +789,7 @@ def test_baseline_engine_gets_the_islands_of_an_fp16_export(traced_onnx, tmp_pat
 
 
 def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_engine(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
-    fake_build_environment()
+    trt = fake_build_environment()
     output = tmp_path / "t.plan"
     seen = []
 
@@ -648,22 +801,40 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_engine(traced_on
     with pytest.warns(UserWarning, match="timing cache not saved .*No space left on device.*the engine was written"):
         result = engines_trt.build_engine(traced_onnx, output, BuildSettings(timing_cache=str(tmp_path / "c")))
     assert seen == [True] and not result.timing_cache_saved
-    assert read_engine(output)[1] == b"SERIALIZED-PLAN"
+    assert read_engine(output)[1].startswith(trt.PLAN_MAGIC)
 
 
-def test_unreadable_or_damaged_caches_start_a_new_one(traced_onnx, tmp_path, fake_build_environment):
-    fake_build_environment()
+def test_an_unreadable_cache_starts_a_new_one(traced_onnx, tmp_path, fake_build_environment):
+    trt = fake_build_environment()
     folder_cache = tmp_path / "cache-is-a-folder"
     (folder_cache / "x").mkdir(parents=True)
     with pytest.warns(UserWarning) as caught:
         result = engines_trt.build_engine(traced_onnx, tmp_path / "a.plan", BuildSettings(timing_cache=str(folder_cache)))
     assert any("timing cache not saved" in str(w.message) for w in caught)
-    assert read_engine(result.path)[1] == b"SERIALIZED-PLAN" and not result.timing_cache_saved
-    damaged = tmp_path / "damaged.cache"
-    damaged.write_bytes(b"damaged bytes")
-    with pytest.warns(UserWarning, match="damaged or from another GPU/TensorRT; starting a new one"):
-        result = engines_trt.build_engine(traced_onnx, tmp_path / "b.plan", BuildSettings(timing_cache=str(damaged)))
-    assert damaged.read_bytes() == b"cache:" and result.timing_cache_saved
+    assert read_engine(result.path)[1].startswith(trt.PLAN_MAGIC) and not result.timing_cache_saved
+
+
+@pytest.mark.parametrize(
+    "data, behaviour, reason",
+    [
+        (b"damaged bytes", "logs", "The timing cache will not be used!"),  # what TensorRT does (#3566)
+        (b"damaged bytes", "none", "The timing cache will not be used!"),
+        (b"damaged bytes", "raises", "Failed to create timing cache"),
+        (b"other-gpu timings", "logs", "Timing cache header mismatch"),
+    ],
+    ids=["damaged-logs-errors", "damaged-returns-none", "damaged-raises", "other-gpu"],
+)
+def test_a_refused_timing_cache_is_replaced_by_a_new_one(traced_onnx, tmp_path, fake_build_environment, data, behaviour, reason):
+    """However TensorRT refuses a cache file (errors in the log and a useless cache, None, an
+    exception, or set_timing_cache False), the build says so, uses a new cache and writes it."""
+    trt = fake_build_environment("11.1.0")
+    trt.damaged_timing_cache = behaviour
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(data)
+    with pytest.warns(UserWarning, match=f"timing cache .*timing.cache is damaged or from another GPU/TensorRT \\(.*{reason}.*\\); starting a new one"):
+        result = engines_trt.build_engine(traced_onnx, tmp_path / "b.plan", BuildSettings(timing_cache=str(cache)))
+    assert cache.read_bytes() == b"cache:" and result.timing_cache_saved
+    assert trt.builders[-1].config.cache.data == b""  # the build ran with the new cache
 
 
 # Fix 2: Ctrl-C and SIGTERM cancel the build through the progress monitor
@@ -693,8 +864,8 @@ def test_an_interrupt_inside_a_callback_still_cancels(traced_onnx, tmp_path, fak
     trt = fake_build_environment()
     raised = []
 
-    def interrupt_in_log(text):
-        if text == "step 0" and not raised:
+    def interrupt_in_log(text):  # TensorRT's warning before the first step
+        if text.startswith("weights") and not raised:
             raised.append(text)
             raise KeyboardInterrupt
         return text
@@ -705,6 +876,75 @@ def test_an_interrupt_inside_a_callback_still_cancels(traced_onnx, tmp_path, fak
     assert raised and not any(c[0] == "swallowed" for c in trt.calls)
     assert ("cancelled", 0) in trt.calls  # stopped at the next step
     assert not (tmp_path / "t.plan").exists()
+
+
+def call_in_thread(function, *args):
+    """function(*args) on a new thread (as TensorRT's own threads call the monitor)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(function(*args)))
+    thread.start()
+    thread.join(timeout=30)
+    return result[0]
+
+
+def test_a_recorded_stop_cancels_from_any_thread(fake_build_environment, monkeypatch):
+    """A stop that the CLI's handler recorded (evit_deploy.interrupt) cancels at the next step,
+    also when TensorRT calls step_complete from one of its own threads, where no
+    KeyboardInterrupt ever arrives."""
+    from evit_deploy import interrupt
+
+    trt = fake_build_environment()
+    monitor = engines_trt._progress_monitor(trt, lambda step: None, engines_trt.tensorrt_logger(trt))
+    assert call_in_thread(monitor.step_complete, "Building engine", 0) is True
+    monkeypatch.setattr(interrupt, "_requested", True)
+    assert call_in_thread(monitor.step_complete, "Building engine", 1) is False
+    assert monitor.interrupted == signal.SIGINT
+
+
+def test_a_build_off_the_main_thread_stops_on_a_recorded_stop(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
+    """build_engine in a worker thread installs no handler; the CLI's handler records the stop and
+    the build still ends at its next step, then raises."""
+    from evit_deploy import interrupt
+
+    trt = fake_build_environment()
+    trt.step_hooks[1] = lambda: monkeypatch.setattr(interrupt, "_requested", True)
+    settings = BuildSettings(timing_cache=str(tmp_path / "c"))
+
+    def build():
+        try:
+            engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings)
+        except KeyboardInterrupt:
+            return "interrupted"
+        return "built"
+
+    assert call_in_thread(build) == "interrupted"
+    assert ("cancelled", 1) in trt.calls and not (tmp_path / "t.plan").exists()
+
+
+def test_a_signal_stops_the_build_while_the_main_thread_is_inside_tensorrt(fake_build_environment, request):
+    """The Python handler runs only on the main thread, which TensorRT holds for the whole build;
+    the signal still reaches a step that TensorRT reports from another thread, through the wakeup
+    pipe CPython's C-level handler writes to. Here the signal lands on that other thread, and the
+    handler installed for the build only records that it ran, so the pipe alone can stop it."""
+    trt = fake_build_environment()
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, old))
+    assert signal.set_wakeup_fd(-1) == -1  # nobody else's wakeup fd in this process
+    monitor = engines_trt._progress_monitor(trt, lambda step: None, engines_trt.tensorrt_logger(trt))
+    handled = []
+    monitor.request_stop = lambda signum, frame=None: handled.append(signum)
+
+    def tensorrt_thread():
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while monitor.step_complete("Building engine", 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return monitor.interrupted
+
+    with engines_trt._stop_requests_to(monitor):
+        assert call_in_thread(tensorrt_thread) == signal.SIGTERM
+    assert handled in ([], [signal.SIGTERM])  # the handler ran on the main thread, or not yet
+    assert signal.set_wakeup_fd(-1) == -1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_cli_ctrl_c_during_a_build(traced_onnx, tmp_path):
@@ -759,6 +999,25 @@ def test_one_logger_for_the_process_with_operation_marks(traced_onnx, tmp_path, 
     assert len(trt.builders) == 2 and all(builder.logger is logger for builder in trt.builders)
 
 
+def test_early_warnings_outlast_a_builds_chatter(traced_onnx, tmp_path, fake_build_environment):
+    """A real build logs thousands of INFO and VERBOSE lines (the fake: onnx-tensorrt's per-node
+    lines); they are counted, not kept, so a warning from the start of a long build is still
+    reported at its end."""
+    trt = fake_build_environment()
+    logger = engines_trt.tensorrt_logger(trt)
+    result = engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", BuildSettings(timing_cache=str(tmp_path / "c")))
+    build_messages = logger.message_count
+    assert build_messages > 1500 and result.tensorrt_warnings == ["weights converted to FP16"]
+    operation = logger.start("a long build")
+    logger.log(trt.ILogger.Severity.WARNING, "an early warning")
+    for number in range(30_000):
+        logger.log(trt.ILogger.Severity.VERBOSE if number % 2 else trt.ILogger.Severity.INFO, f"chatter {number}")
+    logger.log(trt.ILogger.Severity.ERROR, "the error")
+    assert operation.warnings == ["an early warning"] and operation.errors == ["the error"]
+    assert operation.message_count == 30_002 and logger.message_count == build_messages + 30_002
+    assert len(logger._kept) == 2 + 1  # this operation's warning and error, the build's warning
+
+
 def test_log_never_raises(fake_build_environment, monkeypatch):
     trt = fake_build_environment()
     logger = engines_trt.tensorrt_logger(trt)
@@ -804,7 +1063,7 @@ HAS_GPU = torch.cuda.is_available()
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 gpu_tensorrt = pytest.mark.skipif(
     not (HAS_GPU and HAS_TENSORRT),
-    reason=f"needs a CUDA GPU and TensorRT 10+ (GPU: {'yes' if HAS_GPU else 'no'}, TensorRT: {'yes' if HAS_TENSORRT else 'no'})",
+    reason=f"needs a CUDA GPU and TensorRT 10.12+ (GPU: {'yes' if HAS_GPU else 'no'}, TensorRT: {'yes' if HAS_TENSORRT else 'no'})",
 )
 
 

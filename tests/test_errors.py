@@ -125,12 +125,12 @@ CASES = [
          "error: edited.onnx's graph does not match its evit-deploy metadata (metadata: input 'images' [batch, 3, 256, 256] -> output 'logits'; graph: …); was it edited after export? Re-export it with `evit-deploy export`"),
     Case("onnx-damaged-metadata", "ONNX with damaged metadata", ("info", "damaged.onnx"), 1,
          "error: damaged.onnx has damaged evit-deploy metadata (Expecting ',' delimiter: …); re-export it with `evit-deploy export`"),
-    Case("engine-other-tensorrt", "engine built with another TensorRT for another GPU (run where TensorRT 10.9.0 and a compute capability 8.9 GPU are)",
+    Case("engine-other-tensorrt", "engine built with another TensorRT for another GPU (run where TensorRT 10.16.0 and a compute capability 8.9 GPU are)",
          ("predict", "other_trt.plan", "photo.jpg"), 1,
          "error: other_trt.plan was built with TensorRT 9.9.9 for NVIDIA Other GPU (compute capability 7.5); this "
-         "machine has TensorRT 10.9.0 and NVIDIA Test GPU (compute capability 8.9): rebuild it here with "
+         "machine has TensorRT 10.16.0 and NVIDIA Test GPU (compute capability 8.9): rebuild it here with "
          "`evit-deploy build-engine tiny.onnx`",
-         machine=("10.9.0", "NVIDIA Test GPU;8.9")),
+         machine=("10.16.0", "NVIDIA Test GPU;8.9")),
     Case("engine-raw-plan", "TensorRT plan without evit-deploy's header", ("bench", "raw.plan"), 1,
          "error: raw.plan is not an evit-deploy engine (no evit-deploy header): build it with `evit-deploy build-engine MODEL.onnx`; a raw TensorRT plan carries no preprocessing metadata"),
     Case("engine-truncated", "truncated engine", ("predict", "truncated.plan", "photo.jpg"), 1,

@@ -1,4 +1,4 @@
-"""ONNX -> TensorRT engine with the TensorRT 10.x / 11.x Python API.
+"""ONNX -> TensorRT engine with the TensorRT 10.12+ / 11.x Python API.
 
 Every build is a strongly typed network (NetworkDefinitionCreationFlag.STRONGLY_TYPED): TensorRT
 runs each tensor in the type the ONNX graph gives it, so precision is decided in the graph. An FP16
@@ -17,6 +17,7 @@ so everything else works without it.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -24,17 +25,18 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evit_deploy import interrupt
 from evit_deploy.engines.header import EngineHeader, write_engine
 from evit_deploy.engines.precheck import precheck_onnx
 from evit_deploy.engines.settings import BuildSettings
-from evit_deploy.engines.support import MIN_TENSORRT_MAJOR, has_fast_fp16, tensorrt_major
-from evit_deploy.install import TENSORRT_INSTALL, TORCH_CUDA_INSTALL
+from evit_deploy.engines.support import MIN_TENSORRT_TEXT, has_fast_fp16, tensorrt_too_old
 from evit_deploy.errors import EvitDeployError, UsageError, first_line
 from evit_deploy.fileio import cache_dir, check_can_write, write_bytes_atomic
+from evit_deploy.install import TENSORRT_INSTALL, TORCH_CUDA_INSTALL
 
 # TensorRT 10.x: NetworkDefinitionCreationFlag.kSTRONGLY_TYPED = 1 (kEXPLICIT_BATCH = 0 is
 # deprecated); TensorRT 11: kSTRONGLY_TYPED = 0, deprecated because strong typing is always on,
@@ -121,7 +123,7 @@ def require_tensorrt_gpu(device: str | None, purpose: str):
     except EvitDeployError as exc:
         missing.append(str(exc))
     if missing:
-        raise EvitDeployError(f"{purpose} needs TensorRT {MIN_TENSORRT_MAJOR}+ and an NVIDIA GPU: " + "; ".join(missing))
+        raise EvitDeployError(f"{purpose} needs TensorRT {MIN_TENSORRT_TEXT}+ and an NVIDIA GPU: " + "; ".join(missing))
     return trt, gpu
 
 
@@ -132,8 +134,10 @@ def import_tensorrt():
         raise EvitDeployError(f"TensorRT is not installed ({TENSORRT_INSTALL})") from None
     except Exception as exc:  # installed, but its CUDA libraries do not load
         raise EvitDeployError(f"TensorRT is installed but does not load ({first_line(exc)})") from None
-    if tensorrt_major(trt.__version__) < MIN_TENSORRT_MAJOR:
-        raise EvitDeployError(f"TensorRT {trt.__version__} is too old ({TENSORRT_INSTALL})")
+    if tensorrt_too_old(trt.__version__):
+        raise EvitDeployError(
+            f"TensorRT {trt.__version__} is too old: strongly typed builds need {MIN_TENSORRT_TEXT}+ ({TENSORRT_INSTALL})"
+        )
     return trt
 
 
@@ -174,6 +178,11 @@ class TensorRTOperation:
     def warnings(self) -> list[str]:
         return self.logger.messages_since(self.start, ("WARNING",))
 
+    @property
+    def message_count(self) -> int:
+        """Every message TensorRT logged since the operation started, kept or only counted."""
+        return self.logger.message_count - self.start
+
     def raise_if_interrupted(self) -> None:
         """Ctrl-C that arrived while TensorRT was calling log() (where raising is swallowed)."""
         if self.logger.take_interrupt():
@@ -197,45 +206,52 @@ def tensorrt_logger(trt):
         return _LOGGER
 
 
+KEPT_SEVERITIES = ("INTERNAL_ERROR", "ERROR", "WARNING")
+
+
 def _make_logger(trt):
     class ProcessLogger(trt.ILogger):
-        """Keeps the latest messages (errors and warnings for the one-line reports) instead of
-        printing TensorRT's chatter. log() runs inside TensorRT's noexcept wrapper, which would
-        swallow an exception as "[ERROR] Exception caught in log()" (python/src/infer/pyCore.cpp,
+        """Keeps TensorRT's errors and warnings (for the one-line reports) and only counts its
+        INFO and VERBOSE chatter, thousands of lines a build, which would otherwise push the
+        early warnings out. log() runs inside TensorRT's noexcept wrapper, which would swallow an
+        exception as "[ERROR] Exception caught in log()" (python/src/infer/pyCore.cpp,
         PyLogger): it never raises, and a KeyboardInterrupt caught there is handed back to the
         operation (TensorRTOperation.raise_if_interrupted)."""
 
-        MAX_MESSAGES = 10_000
+        MAX_KEPT = 100_000  # far more than builds log; only so a long-running server stays bounded
 
         def __init__(self):
             trt.ILogger.__init__(self)
             self.trt = trt
             self._lock = threading.Lock()
-            self._messages: deque[tuple[int, str, str]] = deque(maxlen=self.MAX_MESSAGES)
-            self._count = 0
+            self._kept: deque[tuple[int, str, str]] = deque(maxlen=self.MAX_KEPT)  # (number, severity, text)
+            self._count = 0  # every message's number, kept or not
             self._interrupted = False
 
         def log(self, severity, msg):
             try:
                 name = getattr(severity, "name", str(severity)).split(".")[-1]
+                text = _one_line(msg) if name in KEPT_SEVERITIES else None
                 with self._lock:
-                    self._messages.append((self._count, name, _one_line(msg)))
+                    if text is not None:
+                        self._kept.append((self._count, name, text))
                     self._count += 1
             except KeyboardInterrupt:
                 self._interrupted = True
             except BaseException:  # noqa: BLE001 - nothing may escape into TensorRT
                 pass
 
+        @property
+        def message_count(self) -> int:
+            return self._count
+
         def start(self, label: str) -> TensorRTOperation:
             with self._lock:
-                start = self._count
-                self._messages.append((start, "OPERATION", label))
-                self._count += 1
-            return TensorRTOperation(self, label, start)
+                return TensorRTOperation(self, label, self._count)
 
         def messages_since(self, start: int, severities: tuple[str, ...]) -> list[str]:
             with self._lock:
-                return [text for number, kind, text in self._messages if number >= start and kind in severities]
+                return [text for number, kind, text in self._kept if number >= start and kind in severities]
 
         @property
         def interrupt_pending(self) -> bool:
@@ -255,17 +271,32 @@ def _make_logger(trt):
 def _progress_monitor(trt, on_step: Callable[[str], None], logger):
     """A trt.IProgressMonitor that shows the build's top-level phases and cancels the build once
     interrupted: step_complete returning False asks TensorRT to stop (NvInfer.h, IProgressMonitor;
-    Python: config.progress_monitor, python/src/infer/pyCore.cpp). A KeyboardInterrupt raised in
-    a callback (here, or in the logger's log()) is caught (TensorRT's wrapper would swallow it)
-    and turned into a cancel."""
+    Python: config.progress_monitor, python/src/infer/pyCore.cpp). TensorRT may call it "from
+    multiple internal threads" (NvInfer.h), where no Python signal handler runs and no
+    KeyboardInterrupt arrives, so every step checks flags instead (stop_requested). A
+    KeyboardInterrupt that is raised in a callback (here, or in the logger's log()) is caught
+    (TensorRT's wrapper would swallow it) and turned into a cancel too."""
 
     class BuildMonitor(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
             self.interrupted: int | None = None  # the signal that asked to stop
+            self.wakeup: int | None = None  # read end of the signal wakeup pipe (_signal_wakeup)
 
         def request_stop(self, signum, frame=None) -> None:
             self.interrupted = signum
+
+        def stop_requested(self) -> bool:
+            """From any thread: our handler ran (request_stop), the CLI's handler recorded a stop
+            (a build off the main thread keeps it), a Ctrl-C was caught in log(), or a signal
+            reached the wakeup pipe (its byte is written as the signal arrives, while the main
+            thread is inside TensorRT and cannot run a Python handler)."""
+            if self.interrupted is None:
+                signum = _stop_signal(self.wakeup)
+                if signum is None and (interrupt.requested() or logger.interrupt_pending):
+                    signum = signal.SIGINT
+                self.interrupted = signum
+            return self.interrupted is not None
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             try:
@@ -278,9 +309,7 @@ def _progress_monitor(trt, on_step: Callable[[str], None], logger):
 
         def step_complete(self, phase_name, step):
             try:
-                if logger.interrupt_pending and self.interrupted is None:
-                    self.interrupted = signal.SIGINT
-                return self.interrupted is None
+                return not self.stop_requested()
             except KeyboardInterrupt:
                 self.interrupted = signal.SIGINT
                 return False
@@ -295,7 +324,8 @@ def _progress_monitor(trt, on_step: Callable[[str], None], logger):
 def _stop_requests_to(monitor) -> Iterator[None]:
     """While TensorRT builds, Ctrl-C and SIGTERM only ask the monitor to stop (the build then
     ends at its next step and the interrupt is raised after it returns). Signals that were
-    ignored stay ignored; off the main thread nothing changes."""
+    ignored stay ignored; off the main thread nothing changes (the monitor still sees a stop the
+    CLI's handler records)."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -305,10 +335,50 @@ def _stop_requests_to(monitor) -> Iterator[None]:
             previous[signum] = handler
             signal.signal(signum, monitor.request_stop)
     try:
-        yield
+        with _signal_wakeup(monitor) if previous else nullcontext():
+            yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextmanager
+def _signal_wakeup(monitor) -> Iterator[None]:
+    """A pipe for signal.set_wakeup_fd, read by the monitor: CPython's C-level handler writes
+    each signal's number to it at once, whichever thread the signal lands on, while the Python
+    handler waits for the main thread, which sits in build_serialized_network (the binding
+    releases the GIL) for as long as TensorRT calls back only from its own threads. A wakeup fd
+    someone else set (an asyncio loop's) is left in place."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    try:
+        other = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        if other != -1:
+            signal.set_wakeup_fd(other)
+            yield
+            return
+        monitor.wakeup = read
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(-1)
+            monitor.wakeup = None
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def _stop_signal(wakeup: int | None) -> int | None:
+    """SIGINT or SIGTERM if the wakeup pipe holds one (other signals' bytes are dropped)."""
+    if wakeup is None:
+        return None
+    try:
+        received = os.read(wakeup, 512)
+    except OSError:  # empty (non-blocking), or closed once the build returned
+        return None
+    stops = [signum for signum in received if signum in (signal.SIGINT, signal.SIGTERM)]
+    return stops[0] if stops else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,10 +479,11 @@ def build_engine(
         config.clear_flag(trt.BuilderFlag.TF32)
         if settings.detailed_profile:  # ProfilingVerbosity.DETAILED: TensorRT 10 and 11
             config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        cache = _load_timing_cache(config, cache_path)
+        cache = _load_timing_cache(config, cache_path, logger)
         monitor = _progress_monitor(trt, on_step, logger)
         config.progress_monitor = monitor
         on_step(f"building the {graph.precision} engine (minutes; Ctrl-C cancels; the timing cache speeds up rebuilds)")
+        building = logger.start(f"build {onnx_path.name}")  # its errors, not the timing cache's
         with _stop_requests_to(monitor):
             plan = builder.build_serialized_network(network, config)
         if monitor.interrupted is not None:
@@ -422,7 +493,7 @@ def build_engine(
         if plan is None:
             raise EvitDeployError(
                 f"TensorRT could not build {onnx_path.name}: "
-                + (" | ".join(operation.errors[-5:]) or "no details (out of GPU memory? try --workspace)")
+                + (" | ".join(building.errors[-5:]) or f"no error among its {building.message_count} messages (out of GPU memory? try --workspace)")
             )
         cache_data = _serialize_timing_cache(config) if cache is not None else None
     header = EngineHeader(
@@ -452,22 +523,38 @@ def build_engine(
     )
 
 
-def _load_timing_cache(config, path: Path):
-    """Reuse the cache file if TensorRT accepts it, else start an empty one; None when no cache
-    can be set at all. A cache that cannot be read costs a warning, never the build."""
+def _load_timing_cache(config, path: Path, logger):
+    """Reuse the cache file if TensorRT takes it, else start an empty one; None when no cache
+    can be set at all. A cache that cannot be read or is refused costs a warning, never the
+    build."""
     try:
         data = path.read_bytes() if path.is_file() else b""
     except OSError as exc:
         warnings.warn(f"timing cache {path} cannot be read ({exc.strerror or exc}); starting a new one", stacklevel=3)
         data = b""
-    cache = config.create_timing_cache(data) if data else None
-    if cache is None or not config.set_timing_cache(cache, False):
-        if data:
-            warnings.warn(f"timing cache {path} is damaged or from another GPU/TensorRT; starting a new one", stacklevel=3)
-        cache = config.create_timing_cache(b"")
-        if cache is None or not config.set_timing_cache(cache, False):
-            return None
-    return cache
+    if data:
+        cache, problem = _set_timing_cache(config, data, logger)
+        if cache is not None:
+            return cache
+        warnings.warn(f"timing cache {path} is damaged or from another GPU/TensorRT ({problem}); starting a new one", stacklevel=3)
+    return _set_timing_cache(config, b"", logger)[0]
+
+
+def _set_timing_cache(config, data: bytes, logger):
+    """(the cache, None) once TensorRT has taken `data` as the config's timing cache, else (None,
+    why not). TensorRT refuses a damaged cache by logging errors, not by failing the call
+    ("Serialization assertion magicTagRead == kMAGIC_TAG failed", then "The timing cache will not
+    be used!": NVIDIA/TensorRT#3566), one from another GPU by an error and set_timing_cache
+    returning False ("Timing cache header mismatch"); the binding may also raise or return None."""
+    reading = logger.start("timing cache")
+    try:
+        cache = config.create_timing_cache(data)
+        taken = cache is not None and config.set_timing_cache(cache, False)
+    except Exception as exc:  # noqa: BLE001 - whatever the binding raises, the build goes on
+        return None, first_line(exc)
+    if reading.errors:
+        return None, reading.errors[-1]
+    return (cache, None) if taken else (None, "TensorRT did not take it")
 
 
 def _serialize_timing_cache(config) -> bytes | None:

@@ -80,7 +80,7 @@ class TensorRTBackend(Backend):
         low, _, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.min_batch, self.max_batch = int(low[0]), int(high[0])
         self._buffers: dict[str, torch.Tensor] = {}
-        self._batch: int | None = None
+        self._shape: tuple[int, ...] | None = None  # the input shape the context has
         self._gpu_ms: list[float] = []
         self._start = torch.cuda.Event(enable_timing=True)
         self._end = torch.cuda.Event(enable_timing=True)
@@ -104,11 +104,15 @@ class TensorRTBackend(Backend):
                 f"--min-batch/--max-batch"
             )
         context = self.context
-        if batch != self._batch:
-            if not context.set_input_shape(self.input_name, tuple(prepared.shape)):
-                raise EvitDeployError(f"TensorRT rejected input shape {tuple(prepared.shape)}")
-            self._batch = batch
+        shape = tuple(prepared.shape)
         running = self._logger.start(f"run {self.path.name}, batch {batch}")
+        if shape != self._shape:  # the whole shape: run_prepared takes any tensor
+            if not context.set_input_shape(self.input_name, shape):
+                raise EvitDeployError(
+                    f"TensorRT rejected input shape {shape} for {self.path.name}: "
+                    + (" | ".join(running.errors[-3:]) or "no details")
+                )
+            self._shape = shape
         context.set_tensor_address(self.input_name, prepared.data_ptr())
         outputs = {name: self._output(name) for name in self.output_names}
         for name, tensor in outputs.items():
