@@ -1,9 +1,10 @@
 """Every way a user can get it wrong, through the real CLI: exit code, one clear line on stderr,
 no traceback, and every file that was there before left as it was.
 
-CASES (the CLI) and API_CASES (the Python API) are also the source of docs/errors.md: the test
-`test_docs_errors_table_is_rendered_from_the_cases` fails when the two differ, and
-`python tests/test_errors.py` rewrites the file from the tables.
+CASES (the CLI) and API_CASES (the Python API) are also the source of docs/errors.md, and of the
+README's short errors section, which points there: the test
+`test_docs_errors_table_is_rendered_from_the_cases` fails when either differs from what the tables
+give, and `python tests/test_errors.py` rewrites both.
 
 Each CLI case runs in its own folder of hard links to shared fixture files, all cases in
 parallel; a case passes when its process exits with `code`, stderr holds exactly the `shows` line
@@ -494,9 +495,19 @@ def render_errors_markdown() -> str:
         "# Errors: what you did, what you see",
         "",
         "Generated from the test tables in `tests/test_errors.py` (every row is a test; `…` stands",
-        "for text that depends on the case). Every error is one line on stderr, exit code 2 for a",
-        "bad argument and 1 for a bad file or input; `--debug` adds the traceback. No command",
-        "leaves a partial or changed file behind.",
+        "for text that depends on the case; regenerate with `.venv/bin/python tests/test_errors.py`).",
+        "",
+        "- Every user mistake gets one line on stderr and exit code 2 for a bad argument or 1 for a bad",
+        "  file or input, no traceback unless `--debug`; so does the argument parser's (an unknown",
+        "  option, a missing or extra argument, a value of the wrong type), with the command's `--help`",
+        "  to see.",
+        "- A closed pipe (`evit-deploy predict ... --json | head -1`) ends the command quietly, with",
+        "  status 141 as standard tools have.",
+        "- Outputs are written to a temp file and renamed, so no command leaves a partial or changed",
+        "  file behind, and an interrupted export or build leaves the previous file as it was.",
+        "- Ctrl-C or SIGTERM ends any command with status 130 and \"interrupted: no partial output was",
+        "  left behind\", also when a library caught the interrupt (torch.export's lazy imports do):",
+        "  the request is recorded, and no file is renamed after it.",
         "",
         "## Command line",
         "",
@@ -523,12 +534,19 @@ README = DOCS.parents[1] / "README.md"
 README_START, README_END = "<!-- errors:start -->\n", "<!-- errors:end -->"
 
 
-def readme_with_errors(readme: str, rendered: str) -> str:
-    """README.md with its errors section replaced by the rendered tables (headings one level
-    down, the page's title and introduction left out)."""
-    tables = rendered[rendered.index("## Command line") :].replace("## ", "### ")
+def readme_errors_section() -> str:
+    """What README.md holds between its errors markers: a pointer to docs/errors.md, not the
+    tables (they live there only)."""
+    return (
+        f"The {len(CASES)} command-line cases and {len(API_CASES)} Python API errors that the tests check, each\n"
+        "with its exit code and the exact line you see, are in [docs/errors.md](docs/errors.md).\n"
+    )
+
+
+def readme_with_errors(readme: str) -> str:
+    """README.md with its errors section replaced by `readme_errors_section()`."""
     head, rest = readme.split(README_START, 1)
-    return head + README_START + tables + README_END + rest.split(README_END, 1)[1]
+    return head + README_START + readme_errors_section() + README_END + rest.split(README_END, 1)[1]
 
 
 def test_docs_errors_table_is_rendered_from_the_cases():
@@ -537,8 +555,9 @@ def test_docs_errors_table_is_rendered_from_the_cases():
         f"{DOCS} is out of date: run `.venv/bin/python tests/test_errors.py` to regenerate it"
     )
     readme = README.read_text(encoding="utf-8")
-    assert readme == readme_with_errors(readme, rendered), (
-        "README.md's errors table is out of date: run `.venv/bin/python tests/test_errors.py`"
+    assert README_START in readme and README_END in readme, f"README.md lacks {README_START.strip()} / {README_END}"
+    assert readme == readme_with_errors(readme), (
+        "README.md's errors section is out of date: run `.venv/bin/python tests/test_errors.py`"
     )
 
 
@@ -546,5 +565,5 @@ if __name__ == "__main__":
     DOCS.parent.mkdir(exist_ok=True)
     rendered = render_errors_markdown()
     DOCS.write_text(rendered, encoding="utf-8")
-    README.write_text(readme_with_errors(README.read_text(encoding="utf-8"), rendered), encoding="utf-8")
+    README.write_text(readme_with_errors(README.read_text(encoding="utf-8")), encoding="utf-8")
     print(f"wrote {DOCS} and the errors section of {README}", file=sys.stderr)

@@ -1,7 +1,8 @@
-"""The README's Python snippets run as written, so they cannot rot.
+"""The Python snippets of the README and of docs/*.md run as written, so they cannot rot.
 
-Each ```python block runs in its own interpreter, in README order, in one folder that holds what
-the README's earlier commands make there (photo.jpg, deit_small_keep0.7.onnx), on a tiny model:
+Each ```python block runs in its own interpreter, in README order and then docs/ in name order, in
+one folder that holds what the README's commands make there (photo.jpg, deit_small_keep0.7.onnx;
+the docs build on the README's quick start), on a tiny model:
 deit_tiny stands in for deit_small (the same code paths in a fraction of the time). A comment
 right before a block says how it runs when it needs more:
 
@@ -26,23 +27,29 @@ import pytest
 from conftest import REPO_ROOT, SAMPLE_IMAGE, SMALL, TINY, cli_env, config_for
 
 README = REPO_ROOT / "README.md"
+PAGES = [README, *sorted((REPO_ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<how>[^\n]*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
 README_PORT = 8000  # what the snippets connect to: `serve`'s default port
 
 
 @dataclass(frozen=True)
 class Snippet:
+    page: str  # README.md, docs/serving.md, ...
     line: int
     how: str  # "", "server", "argv ...", "skip (...)"
     code: str
 
 
 def readme_snippets() -> list[Snippet]:
-    text = README.read_text(encoding="utf-8")
-    return [
-        Snippet(text.count("\n", 0, match.start("code")) + 1, match["how"] or "", match["code"])
-        for match in BLOCK.finditer(text)
-    ]
+    snippets = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        name = page.relative_to(REPO_ROOT).as_posix()
+        snippets += [
+            Snippet(name, text.count("\n", 0, match.start("code")) + 1, match["how"] or "", match["code"])
+            for match in BLOCK.finditer(text)
+        ]
+    return snippets
 
 
 SNIPPETS = readme_snippets()
@@ -90,25 +97,26 @@ def server_port(folder) -> int:
 
 
 def test_the_readme_has_snippets_and_every_one_says_how_it_runs():
+    assert sum(snippet.page == "README.md" for snippet in SNIPPETS) >= 2
     assert len(SNIPPETS) >= 5
     for snippet in SNIPPETS:
         assert snippet.how == "" or snippet.how.split()[0] in ("server", "argv", "skip"), snippet
 
 
-@pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda s: f"README line {s.line}")
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda s: f"{s.page} line {s.line}")
 def test_snippet_runs_as_written(snippet: Snippet, folder, request):
     kind, _, rest = snippet.how.partition(" ")
     if kind == "skip":
-        pytest.skip(f"README line {snippet.line}: {rest}")
+        pytest.skip(f"{snippet.page} line {snippet.line}: {rest}")
     code = snippet.code.replace(SMALL, TINY)
     argv = rest.split() if kind == "argv" else []
     if kind == "server":
         port = request.getfixturevalue("server_port")
         code = code.replace(f"127.0.0.1:{README_PORT}", f"127.0.0.1:{port}")
-    script = folder / f"readme_line_{snippet.line}.py"
+    script = folder / f"{Path(snippet.page).stem.lower()}_line_{snippet.line}.py"
     script.write_text(code, encoding="utf-8")
     proc = subprocess.run(
         [sys.executable, script.name, *argv], cwd=folder, env=cli_env(), capture_output=True,
         text=True, timeout=300,
     )
-    assert proc.returncode == 0, f"README line {snippet.line}:\n{code}\n{proc.stdout}{proc.stderr}"
+    assert proc.returncode == 0, f"{snippet.page} line {snippet.line}:\n{code}\n{proc.stdout}{proc.stderr}"
