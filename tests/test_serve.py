@@ -26,13 +26,13 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_IMAGE, assert_one_line_error, cli_env, config_for, run_cli
+from evit_deploy.stats import latency_summary
 from evit_deploy.client import (
     Client,
     ServerError,
     decode_infer_response,
     encode_infer_request,
     logits_match,
-    percentile,
 )
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.preprocess import preprocess
@@ -106,7 +106,13 @@ def test_logits_match_tolerates_rounding_not_other_answers():
     assert logits_match(a + 1e-5, a)
     assert not logits_match(b, a)
     assert not logits_match(np.full_like(a, np.nan), a)
-    assert percentile([1, 2, 3, 4], 50) == 2.5
+
+
+
+def test_latency_summary_interpolates_between_ranks_and_is_nan_for_no_samples():
+    summary = latency_summary([1, 2, 3, 4])
+    assert summary == {"mean": 2.5, "p50": 2.5, "p90": pytest.approx(3.7), "p99": pytest.approx(3.97)}
+    assert all(np.isnan(v) for v in latency_summary([]).values())
 
 
 def test_batch_runner_answers_each_request_with_its_own_rows(predictor):
