@@ -123,7 +123,11 @@ CASES = [
     Case("onnx-foreign-eval", "ONNX not made by evit-deploy (eval)", ("eval", "foreign.onnx", "data"), 1,
          "error: foreign.onnx carries no evit-deploy metadata (…re-export it from its checkpoint with `evit-deploy export`"),
     Case("onnx-edited", "ONNX whose graph was edited after export", ("predict", "edited.onnx", "photo.jpg"), 1,
-         "error: edited.onnx's graph does not match its evit-deploy metadata (metadata: input 'images' [batch, 3, 256, 256] -> output 'logits'; graph: …); was it edited after export? Re-export it with `evit-deploy export`"),
+         "error: edited.onnx's graph does not match its evit-deploy metadata (metadata: input 'images' [batch, 3, 256, 256] -> output 'logits' [batch, 1000]; graph: …); was it edited after export? Re-export it with `evit-deploy export`"),
+    Case("onnx-other-graph", "ONNX carrying copied metadata over another graph (other TopK counts)", ("predict", "swapped.onnx", "photo.jpg"), 1,
+         "error: swapped.onnx's graph does not match its evit-deploy metadata (metadata: TopK K [1, 1, 1]; graph: …); was it edited after export? Re-export it with `evit-deploy export`"),
+    Case("onnx-other-classes", "ONNX carrying copied metadata over a graph with another class count", ("predict", "classes.onnx", "photo.jpg"), 1,
+         "error: classes.onnx's graph does not match its evit-deploy metadata (metadata: input 'images' [batch, 3, 224, 224] -> output 'logits' [batch, 10]; graph: …); was it edited after export? Re-export it with `evit-deploy export`"),
     Case("onnx-damaged-metadata", "ONNX with damaged metadata", ("info", "damaged.onnx"), 1,
          "error: damaged.onnx has damaged evit-deploy metadata (Expecting ',' delimiter: …); re-export it with `evit-deploy export`"),
     Case("engine-other-tensorrt", "engine built with another TensorRT for another GPU (run where TensorRT 10.16.0 and a compute capability 8.9 GPU are)",
@@ -287,6 +291,8 @@ def fixture_files(tmp_path_factory, onnx_export) -> Path:
     onnx.save(foreign, str(folder / "foreign.onnx"))
     _edit_metadata(exported, folder / "edited.onnx", img_size="256")
     _edit_metadata(exported, folder / "damaged.onnx", drop_loc="[3, 6")
+    _edit_metadata(exported, folder / "swapped.onnx", topk_k="[1, 1, 1]")
+    _edit_metadata(exported, folder / "classes.onnx", num_classes="10")
 
     header = EngineHeader(
         read_onnx_metadata(tiny), "9.9.9", "NVIDIA Other GPU", "7.5", "fp16", BuildSettings(),

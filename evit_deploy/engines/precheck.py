@@ -109,6 +109,11 @@ def tensorrt_problems(graph: onnx.GraphProto) -> list[str]:
     return problems
 
 
+def topk_ks(graph: onnx.GraphProto) -> list[int | None]:
+    """K of every TopK, in graph order (None where K is computed at run time)."""
+    return [_constant_k(node, graph) for node in _topk_nodes(graph)]
+
+
 def _topk_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return [n for n in graph.node if n.op_type == "TopK" and n.domain in STANDARD_DOMAINS]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evit_deploy.engines.precheck import topk_ks
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export.precision import model_precision
 from evit_deploy.metadata import ArtifactMetadata, load_onnx, onnx_metadata
@@ -79,6 +80,7 @@ class OnnxRuntimeBackend(Backend):
                 f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}"
             ) from exc
         check_graph_io(self.session, self.metadata, self.path.name)
+        check_token_plan(graph, self.metadata, self.path.name)
         active = self.session.get_providers()
         self.provider = active[0]
         self.device_name = cpu_name() if self.provider == "CPUExecutionProvider" else _gpu_name()
@@ -100,18 +102,31 @@ def check_graph_io(session, metadata: ArtifactMetadata, source: str) -> None:
     """The graph's input and output must be what its metadata says (an ONNX edited after export
     would otherwise fail on the first batch with ONNX Runtime's multi-line message)."""
     inputs = {i.name: i.shape for i in session.get_inputs()}
-    outputs = [o.name for o in session.get_outputs()]
+    outputs = {o.name: o.shape for o in session.get_outputs()}
     size = metadata.img_size
     expected = [3, size, size]
     shape = inputs.get(metadata.input_name)
-    if shape is None or metadata.output_name not in outputs or (
+    logits = outputs.get(metadata.output_name)
+    if shape is None or logits is None or (
         len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected))
-    ):
+    ) or len(logits) != 2 or (isinstance(logits[1], int) and logits[1] != metadata.num_classes):
         raise EvitDeployError(
             f"{source}'s graph does not match its evit-deploy metadata (metadata: input "
             f"'{metadata.input_name}' [batch, {', '.join(map(str, expected))}] -> output "
-            f"'{metadata.output_name}'; graph: inputs {inputs}, outputs {outputs}); was it edited "
-            f"after export? Re-export it with `evit-deploy export`"
+            f"'{metadata.output_name}' [batch, {metadata.num_classes}]; graph: inputs {inputs}, "
+            f"outputs {outputs}); was it edited after export? Re-export it with `evit-deploy export`"
+        )
+
+
+def check_token_plan(graph, metadata: ArtifactMetadata, source: str) -> None:
+    """The graph's TopK counts must be the metadata's token plan: a graph swapped under copied
+    metadata would otherwise run and answer with another model's logits."""
+    found = topk_ks(graph.graph)
+    if found != list(metadata.topk_k):
+        raise EvitDeployError(
+            f"{source}'s graph does not match its evit-deploy metadata (metadata: TopK K "
+            f"{list(metadata.topk_k)}; graph: {found}); was it edited after export? Re-export it "
+            f"with `evit-deploy export`"
         )
 
 
