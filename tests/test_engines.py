@@ -69,7 +69,7 @@ def make_header(**changes) -> EngineHeader:
         precision="fp16",
         settings=BuildSettings(fp32_layers=("LayerNormalization",), workspace_gb=2.5),
         input_shape=[3, 64, 64],
-        fp32_layers=["/blocks.3/TopK", "/blocks.3/attn/Softmax"],
+        fp32_layers=["/blocks.3/reorganize/TopK", "/blocks.3/attn/class_attention/Softmax"],
         onnx="tiny.onnx",
         fp32_islands=["topk_scores"],
     )
@@ -81,7 +81,8 @@ def make_header(**changes) -> EngineHeader:
 def traced_onnx(tmp_path_factory) -> Path:
     """A tiny EViT traced to ONNX by the TorchScript exporter, with metadata, dynamic batch,
     constant K (unvalidated and unsimplified: seconds). An ONNX from elsewhere, as a user may
-    bring one: its readable node names (/blocks.3/attn/Softmax) let these tests name nodes."""
+    bring one: its readable node names (/blocks.3/attn/class_attention/Softmax) let these tests
+    name nodes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(CONFIG)
@@ -504,8 +505,10 @@ def test_fp16_build_converts_an_fp32_onnx_and_builds_it_strongly_typed(traced_on
     assert header.precision == "fp16" and header.fp32_islands == ["topk_scores", "named"] and result.converted
     assert len(header.fp32_layers) == 21 + 1 and "/norm/LayerNormalization" in header.fp32_layers
     assert {kinds[name] for name in header.fp32_layers} == {"FLOAT"}
-    for block in (3, 6, 9):
-        assert kinds[f"/blocks.{block}/attn/Softmax"] == "FLOAT" and kinds[f"/blocks.{block}/TopK"] == "FLOAT"
+    for block in (3, 6, 9):  # the class row TopK ranks; the drop block's own attention is FP16
+        assert kinds[f"/blocks.{block}/attn/class_attention/Softmax"] == "FLOAT"
+        assert kinds[f"/blocks.{block}/reorganize/TopK"] == "FLOAT"
+        assert kinds[f"/blocks.{block}/attn/Softmax"] == "HALF"
     assert kinds["/blocks.0/attn/Softmax"] == "HALF" and kinds["/blocks.3/norm1/LayerNormalization"] == "HALF"
     half = [name for name, kind in kinds.items() if kind == "HALF"]
     assert len(half) > 200
@@ -694,10 +697,12 @@ def test_island_precisions_read_from_inspector_layers(traced_onnx, tensor):
     tensors = topk_island_tensors(traced_onnx)
     by_node = {node: tensor for tensor, node in tensors.items()}
     assert len(tensors) == 21  # one float output per island node (TopK's indices are not float)
-    softmax, mean, topk = (by_node[f"/blocks.3/{n}"] for n in ("attn/Softmax", "attn/ReduceMean", "TopK"))
+    softmax, mean, topk = (
+        by_node[f"/blocks.3/{n}"] for n in ("attn/class_attention/Softmax", "attn/class_attention/ReduceMean", "reorganize/TopK")
+    )
     layers = [
-        {"Name": "/blocks.3/attn/Softmax", "LayerType": "SoftMax", "Inputs": [tensor("x", False)], "Outputs": [tensor(softmax, True)]},
-        {"Name": "/blocks.3/TopK", "LayerType": "TopK", "Inputs": [tensor(mean, True)], "Outputs": [tensor(topk, True)]},
+        {"Name": "/blocks.3/attn/class_attention/Softmax", "LayerType": "SoftMax", "Inputs": [tensor("x", False)], "Outputs": [tensor(softmax, True)]},
+        {"Name": "/blocks.3/reorganize/TopK", "LayerType": "TopK", "Inputs": [tensor(mean, True)], "Outputs": [tensor(topk, True)]},
     ]
     result = check_island_precisions(layers, tensors)
     assert result.verdict is Verdict.PASS and set(result.fp32) == {softmax, mean, topk} and len(result.not_visible) == 18

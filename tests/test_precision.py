@@ -203,8 +203,15 @@ def test_onnxruntime_cpu_runs_it_close_to_fp32(graphs, images, export):
         assert [o.dtype for o in outputs] == [np.float32] + [np.int64] * 3
         assert [o.shape for o in outputs] == [o.shape for o in reference]
     scale = np.abs(reference[0]).max()
-    assert np.abs(mixed[0] - reference[0]).max() <= 0.05 * scale, (np.abs(mixed[0] - reference[0]).max(), scale)
-    assert np.abs(plain[0] - reference[0]).max() <= 0.1 * scale
+    # The random weights' class attention has near-ties, and where FP16 noise swaps a kept token
+    # the logits move with it (the drop blocks' attention is FP16 since it is fused attention:
+    # only the class row that TopK ranks is an island). Where every drop block keeps FP32's
+    # tokens the mixed graph is FP32's function up to FP16 rounding: within 1%.
+    same_tokens = np.all([(np.sort(m, 1) == np.sort(r, 1)).all(1) for m, r in zip(mixed[1:], reference[1:])], 0)
+    assert same_tokens.sum() >= 4
+    error = np.abs(mixed[0] - reference[0]).max(1)
+    assert error[same_tokens].max() <= 0.01 * scale, (error, scale)
+    assert error.max() <= 0.1 * scale and np.abs(plain[0] - reference[0]).max() <= 0.1 * scale
     assert (mixed[0].argmax(1) == reference[0].argmax(1)).mean() >= 0.75
 
 

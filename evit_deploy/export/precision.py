@@ -151,11 +151,18 @@ def convert_to_fp16(
     _drop_initializer_value_info(work.graph)
     work = onnx.shape_inference.infer_shapes(work)
     found = island_nodes(work, islands, fp32_patterns, require_matches)
+    types = value_types(work)
+    # ops the converter keeps FP32 where they compute with floats (an int64 Range, say, does not)
+    kept = {
+        n.name for n in work.graph.node
+        if n.op_type in float16.DEFAULT_OP_BLOCK_LIST
+        and any(types.get(name) == FLOAT for name in [*n.input, *n.output] if name)
+    }
     default_ops = set(float16.DEFAULT_OP_BLOCK_LIST)
     blocked = dict.fromkeys(name for names in found.values() for name in names)
     # compute nodes kept FP32, in graph order: the islands and ops the converter keeps FP32
-    fp32_nodes = [n.name for n in work.graph.node if n.name in blocked or n.op_type in default_ops]
-    converter_fp32_ops = sorted({n.op_type for n in work.graph.node if n.op_type in default_ops and n.name not in blocked})
+    fp32_nodes = [n.name for n in work.graph.node if n.name in blocked or n.name in kept]
+    converter_fp32_ops = sorted({n.op_type for n in work.graph.node if n.name in kept and n.name not in blocked})
     # constants only islands read join them (their values stay exact); they are not listed
     blocked.update(dict.fromkeys(_private_constants(work.graph, blocked)))
     source_casts = {n.name for n in work.graph.node if n.op_type == "Cast"}

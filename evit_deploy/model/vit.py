@@ -27,31 +27,45 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
+class ClassAttention(nn.Module):
+    """The class token's attention to the image tokens, averaged over heads ([B, N-1], not
+    renormalised: the softmax includes the class key, as in the official code). Only the class
+    row is computed, softmax(q_cls K^T * scale) ([B, H, 1, N]): the same numbers as row 0 of the
+    full attention map at 1/N of its cost. A module of its own so exported nodes carry its scope
+    (`blocks.N.attn.class_attention`): profiles and FP32 islands find EViT's scores by it."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        logits = (q[:, :, :1] @ k.transpose(-2, -1)) * self.scale
+        return logits.softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        self.class_attention = ClassAttention(self.head_dim**-0.5)
 
     def forward(
         self, x: torch.Tensor, need_cls_attn: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return the attention output and, when asked, the class token's attention to the image
-        tokens averaged over heads ([B, N-1], not renormalised). Fused SDPA cannot return weights,
-        so blocks that need them compute the softmax explicitly, as the official code does."""
+        """Return the attention output and, when asked, the class attention (ClassAttention).
+
+        Every block runs fused attention (SDPA), drop blocks too: the official code reads the class
+        row of an explicit softmax(QK^T), which materialises the N x N map and keeps runtimes
+        (OpenVINO, TensorRT) from fusing those blocks' attention. The class row is computed on its
+        own beside it instead: the same function."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if not need_cls_attn:
-            out = F.scaled_dot_product_attention(q, k, v)
-            cls_attn = None
-        else:
-            attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-            out = attn @ v
-            cls_attn = attn[:, :, 0, 1:].mean(dim=1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        cls_attn = self.class_attention(q, k) if need_cls_attn else None
         out = out.transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj(out), cls_attn
 
@@ -67,6 +81,20 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class TokenReorganization(nn.Module):
+    """EViT's drop step as a module (no parameters), so exported nodes carry its scope
+    (`blocks.N.reorganize`) and a profile can tell what dropping tokens costs."""
+
+    def __init__(self, fuse_token: bool):
+        super().__init__()
+        self.fuse_token = fuse_token
+
+    def forward(
+        self, x: torch.Tensor, cls_attn: torch.Tensor, keep: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return reorganize_tokens(x, cls_attn, keep, self.fuse_token)
+
+
 def reorganize_tokens(
     x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse_token: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,12 +104,22 @@ def reorganize_tokens(
     gathering the complement, without the complement's scatter/sort."""
     cls_token, image_tokens = x[:, :1], x[:, 1:]
     _, idx = torch.topk(cls_attn, keep, dim=1, largest=True, sorted=True)
-    kept = torch.gather(image_tokens, 1, idx.unsqueeze(-1).expand(-1, -1, image_tokens.shape[-1]))
-    parts = [cls_token, kept]
+    parts = [cls_token, gather_tokens(image_tokens, idx)]
     if fuse_token:
         dropped_weights = cls_attn.scatter(1, idx, 0.0)
         parts.append(torch.bmm(dropped_weights.unsqueeze(1), image_tokens))
     return torch.cat(parts, dim=1), idx
+
+
+def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """tokens[b, idx[b]] for every b ([B, N, C], [B, K] -> [B, K, C]), as one row gather on the
+    flattened [B*N, C] tokens: the exported graph is a Gather on a [B*K] index, where torch.gather
+    would export an index broadcast to [B, K, C] (Expand + GatherElements), which costs as much at
+    every keep rate."""
+    batch, count, channels = tokens.shape
+    offsets = torch.arange(batch, device=idx.device).unsqueeze(1) * count
+    rows = (idx + offsets).reshape(-1)
+    return tokens.reshape(batch * count, channels).index_select(0, rows).reshape(batch, -1, channels)
 
 
 class Block(nn.Module):
@@ -93,13 +131,14 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, mlp_hidden)
+        self.reorganize = TokenReorganization(fuse)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn_out, cls_attn = self.attn(self.norm1(x), need_cls_attn=self.keep is not None)
         x = x + attn_out
         idx = None
         if self.keep is not None:
-            x, idx = reorganize_tokens(x, cls_attn, self.keep, self.fuse_token)
+            x, idx = self.reorganize(x, cls_attn, self.keep)
         return x + self.mlp(self.norm2(x)), idx
 
 
