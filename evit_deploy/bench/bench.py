@@ -23,6 +23,7 @@ import numpy as np
 from evit_deploy.analysis.planning import model_cost
 from evit_deploy.bench.baseline import baseline_engine, baseline_onnx, quantized_baseline_onnx
 from evit_deploy.bench.end_to_end import EndToEndResult, time_end_to_end
+from evit_deploy.bench.profile import Profile, profile_variants
 from evit_deploy.data.samples import find_images
 from evit_deploy.errors import UsageError
 from evit_deploy.model.config import EvitOverrides
@@ -70,6 +71,7 @@ class BenchReport:
     variants: list[dict] = field(default_factory=list)  # see describe_variant
     accuracy: dict[float, dict] = field(default_factory=dict)  # keep rate -> EvalResult dict
     end_to_end: list[EndToEndResult] = field(default_factory=list)
+    profiles: list[Profile] = field(default_factory=list)  # bench --profile
 
     @property
     def speedup(self) -> dict[float, dict[int, float]]:
@@ -114,6 +116,7 @@ class BenchReport:
             "end_to_end_speedup": by_rate(self.end_to_end_speedup),
             "reference": REFERENCE if self.reference_speedup else None,
             "reference_speedup": by_rate(self.reference_speedup),
+            "profiles": [p.to_dict() for p in self.profiles],
         }
 
 
@@ -299,14 +302,17 @@ def bench_artifact(
     end_to_end_dir: str | Path | None = None,
     seed: int = 0,
     on_step: Callable[[str], None] = lambda step: None,
+    profile: bool = False,
     **options,
 ) -> BenchReport:
     """Time `path` at each batch size; for an EViT artifact also its plain ViT and, on the CPU,
     REFERENCE, all interleaved. With `end_to_end_dir`, also the whole path from its image files
-    to top-k classes."""
+    to top-k classes; with `profile`, per-operator times of the EViT and the plain run."""
     path = Path(path)
     with contextlib.ExitStack() as loaded:
         primary = loaded.enter_context(load_backend(path, backend, device, **options))
+        if profile and not primary.profiles:
+            raise UsageError(f"--profile works on onnxruntime and openvino, not on {primary.name}")
         files, variants = [path], [primary]
         if baseline and primary.metadata.to_config().is_evit:
             on_step("loading the plain ViT")
@@ -323,4 +329,8 @@ def bench_artifact(
             report, variants, batches, warmup, iterations, min_seconds, end_to_end_dir,
             options.get("threads"), seed, on_step,
         )
+        if profile:
+            for size in batches:
+                on_step(f"profiling at batch {size}")
+                report.profiles.extend(profile_variants(variants[:2], files[:2], size, seed=seed))
     return report

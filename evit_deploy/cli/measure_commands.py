@@ -16,7 +16,7 @@ from evit_deploy.cli.options import (
     precision_options, settings_text,
 )
 from evit_deploy.cli.render import (
-    bench_table, predictions_table, print_end_to_end, recall_table, sweep_table,
+    bench_table, predictions_table, print_end_to_end, print_profiles, recall_table, sweep_table,
 )
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.model.config import EvitOverrides
@@ -68,6 +68,7 @@ def bench(
         None, "--end-to-end", metavar="DIR",
         help="Also time image files in DIR to top-5 classes at the same batch sizes, per stage: decode, resize/crop/normalise, inference, softmax/top-k.",
     ),
+    profile: bool = typer.Option(False, "--profile", help="Also profile the EViT and the plain run per operator type with the runtime's own profiler (ONNX Runtime, OpenVINO), and what the drop machinery costs."),
     keep_rates: Optional[str] = typer.Option(None, help="Sweep: time these keep rates instead (re-exported, cached), e.g. 0.5,0.7,1.0."),
     plot: Optional[Path] = typer.Option(None, help="Sweep: plot throughput, GMACs (and accuracy) against keep rate to this PNG."),
     eval_dir: Optional[Path] = typer.Option(None, help="Sweep: also measure accuracy on this image folder (as for eval)."),
@@ -75,7 +76,7 @@ def bench(
     out: Output = Output(),
 ) -> None:
     """Latency percentiles and throughput, EViT beside plain ViT, timed interleaved; with
-    --end-to-end also from image files to top-k, stage by stage."""
+    --end-to-end also from image files to top-k, stage by stage; with --profile per operator."""
     from evit_deploy.fileio import check_can_write
     from evit_deploy.bench.bench import REFERENCE, bench_artifact, parse_batches
     from evit_deploy.bench.sweep import check_plotting, parse_keep_rates, plot_sweep, sweep_keep_rates
@@ -83,6 +84,8 @@ def bench(
     batches = parse_batches(batch)
     if keep_rates is None and (plot or eval_dir):
         raise UsageError("--plot and --eval-dir go with --keep-rates")
+    if keep_rates is not None and profile:
+        raise UsageError("--profile goes with one model, not --keep-rates")
     if keep_rates is not None and evit.keep_rate is not None:
         raise UsageError("give --keep-rate (one model) or --keep-rates (a sweep), not both")
     if plot:
@@ -94,7 +97,7 @@ def bench(
         if keep_rates is None:
             report = bench_artifact(
                 artifact, batches, backend, device, baseline=baseline, on_step=status.update,
-                **timing, **options, evit=evit,
+                profile=profile, **timing, **options, evit=evit,
             )
         else:
             report = sweep_keep_rates(
@@ -116,6 +119,8 @@ def bench(
                 )
         if report.end_to_end:
             print_end_to_end(report, end_to_end)
+        if report.profiles:
+            print_profiles(report.profiles)
     out.emit(report.to_dict())
     if plot:
         path = plot_sweep(report, plot, out.force)

@@ -205,3 +205,43 @@ def print_load_test(result, url: str, model_name: str, concurrency: int, batch: 
     console.print(table)
     if result.error_kinds:
         console.print(f"errors by kind: {result.error_kinds}")
+
+
+def print_profiles(profiles) -> None:
+    """Per batch size: time per operator type, EViT beside plain, and the drop machinery's cost."""
+    for batch in sorted({p.batch for p in profiles}):
+        rows = [p for p in profiles if p.batch == batch]
+        evit = next((p for p in rows if p.keep_rate != 1.0), None)
+        plain = next((p for p in rows if p.keep_rate == 1.0), None)
+        shown = [p for p in (evit, plain) if p is not None]
+        first = shown[0]
+        table = Table(
+            title=f"Profile at batch {batch}: {first.backend} {first.precision}, ms per inference "
+            f"(the runtime's profiler, {first.runs} runs)",
+            caption="op types as the runtime executes them (fused kernels included)",
+        )
+        table.add_column("op type")
+        for p in shown:
+            table.add_column(f"keep {p.keep_rate:g}", justify="right")
+        if evit and plain:
+            table.add_column("plain / EViT", justify="right")
+        types = list(dict.fromkeys(t for p in shown for t in p.by_type))
+        for op_type in types:
+            cells = [f"{p.by_type.get(op_type, 0.0):.2f}" for p in shown]
+            if evit and plain:
+                e, b = evit.by_type.get(op_type, 0.0), plain.by_type.get(op_type, 0.0)
+                cells.append(f"{b / e:.2f}x" if e > 0 and b > 0 else "-")
+            table.add_row(op_type, *cells)
+        totals = [f"{p.total_ms:.2f}" for p in shown]
+        if evit and plain:
+            totals.append(f"{plain.total_ms / evit.total_ms:.2f}x")
+        table.add_row("[bold]total[/]", *totals)
+        console.print(table)
+        if evit is not None:
+            parts = ", ".join(f"{name} {ms:.2f} ms" for name, ms in evit.drop_ms.items()) or "none found"
+            console.print(
+                f"batch {batch}: the drop machinery (class-attention scores, TopK, gather, fused "
+                f"token) costs {sum(evit.drop_ms.values()):.2f} ms, {evit.drop_share:.1%} of the "
+                f"EViT run ({parts})",
+                highlight=False,
+            )

@@ -5,11 +5,25 @@ running on it (`run_prepared`), so timings cover the model alone."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from evit_deploy.errors import UsageError
 from evit_deploy.metadata import ArtifactMetadata
+
+
+@dataclass(frozen=True)
+class NodeTime:
+    """One node of the runtime's executed graph in a profile: its name and kernel type as the
+    runtime reports them, its time per inference, and the ONNX nodes it computes (several where the
+    runtime fused them; none for nodes the runtime added, such as layout reorders)."""
+
+    name: str
+    op_type: str
+    ms: float
+    sources: tuple[str, ...] = ()
 
 
 class Backend(ABC):
@@ -24,6 +38,7 @@ class Backend(ABC):
     max_batch: int | None = None  # None: any batch size
     thread_safe: bool = True  # False: the Predictor serialises calls
     options: tuple[str, ...] = ()  # the keyword options its constructor takes beside path, device
+    profiles: bool = False  # whether profile() reads the runtime's own profiler
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -41,6 +56,11 @@ class Backend(ABC):
         """GPU compute times (ms) of the runs since the last call, where the backend measures
         them with device events (TensorRT); empty elsewhere."""
         return []
+
+    def profile(self, batch: np.ndarray, runs: int) -> list[NodeTime]:
+        """Per-node times, averaged over `runs` inferences of `batch`, from the runtime's own
+        profiler (ONNX Runtime's, OpenVINO's performance counters)."""
+        raise UsageError(f"--profile works on onnxruntime and openvino, not on {self.name}")
 
     def close(self) -> None:
         """Release what the runtime holds (compiled models, device memory, sessions) now rather

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from evit_deploy.engines.precheck import topk_ks
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export.precision import model_precision
 from evit_deploy.metadata import ArtifactMetadata, load_onnx, onnx_metadata
-from evit_deploy.runtime.base import Backend, cpu_name
+from evit_deploy.runtime.base import Backend, NodeTime, cpu_name
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {
@@ -51,6 +53,7 @@ def choose_providers(
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     options = ("providers", "threads")
+    profiles = True
 
     def __init__(
         self,
@@ -64,17 +67,12 @@ class OnnxRuntimeBackend(Backend):
         self.path = Path(path)
         graph = load_onnx(self.path)  # graph and initializer types, not the weights
         self.metadata = onnx_metadata(graph, self.path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # Idle intra-op threads would otherwise spin for a while after each run, stealing the
-        # cores from whatever runs next (the other variant of an interleaved bench, PyTorch, the
-        # server's preprocessing): measured, that slowed the next PyTorch run several-fold.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-        chosen = choose_providers(ort.get_available_providers(), device, providers)
+        self.threads = threads
+        self.providers = choose_providers(ort.get_available_providers(), device, providers)
         try:
-            self.session = ort.InferenceSession(os.fspath(self.path), options, providers=chosen)
+            self.session = ort.InferenceSession(
+                os.fspath(self.path), session_options(threads), providers=self.providers
+            )
         except Exception as exc:
             raise EvitDeployError(
                 f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}"
@@ -96,6 +94,48 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def profile(self, batch: np.ndarray, runs: int) -> list[NodeTime]:
+        """ONNX Runtime's profiler on a second session with the same settings: per-node kernel
+        times, the first (warm-up) run left out. A node that ORT fused or rewrote is named
+        'ONNX_NAME/FusionName'; nodes it added (layout transposes) have no ONNX source."""
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory(prefix="evit-ort-profile-") as folder:
+            options = session_options(self.threads)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(folder) / "profile")
+            session = ort.InferenceSession(os.fspath(self.path), options, providers=self.providers)
+            for _ in range(runs + 1):
+                session.run([self.output_name], {self.input_name: batch})
+            events = json.loads(Path(session.end_profiling()).read_text())
+        warmup = min((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+        known = {node.name for node in load_onnx(self.path).graph.node}
+        times: dict[tuple[str, str], float] = {}
+        for event in events:
+            if (event.get("cat") != "Node" or not event["name"].endswith("_kernel_time")
+                    or event["ts"] < warmup["ts"] + warmup["dur"]):
+                continue
+            key = (event["name"].removesuffix("_kernel_time"), event["args"]["op_name"])
+            times[key] = times.get(key, 0.0) + event["dur"] / 1000 / runs
+        return [
+            NodeTime(name, op, ms, tuple(s for s in (name.split("/")[0],) if s in known))
+            for (name, op), ms in times.items()
+        ]
+
+
+def session_options(threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Idle intra-op threads would otherwise spin for a while after each run, stealing the cores
+    # from whatever runs next (the other variant of an interleaved bench, PyTorch, the server's
+    # preprocessing): measured, that slowed the next PyTorch run several-fold.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 def check_graph_io(session, metadata: ArtifactMetadata, source: str) -> None:

@@ -33,7 +33,7 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.install import OPENVINO_INSTALL
 from evit_deploy.metadata import ArtifactMetadata
 from evit_deploy.precisions import BF16, FP32, check_precision, chosen_at_load
-from evit_deploy.runtime.base import Backend, cpu_name
+from evit_deploy.runtime.base import Backend, NodeTime, cpu_name
 
 HINTS = {FP32: "f32", BF16: BF16}
 METADATA_KEY = "evit_deploy"  # IR: the metadata props under this rt_info section
@@ -181,9 +181,11 @@ def compile_model(
     threads: int | None = None,
     fp32_topk_scores: bool = True,
     index_outputs: bool = False,
+    perf_count: bool = False,
 ):
     """Compile an ov.Model for the CPU at `precision`. index_outputs: also output each TopK's
-    indices (for validation), without changing the precisions the deployed model runs."""
+    indices (for validation), without changing the precisions the deployed model runs;
+    perf_count: keep per-node execution times (profiles)."""
     ov = import_openvino()
     pinned = precision == BF16 and fp32_topk_scores
     if precision == BF16 and not pinned and index_outputs:
@@ -198,6 +200,8 @@ def compile_model(
     config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
+    if perf_count:
+        config["PERF_COUNT"] = "YES"
     core = ov.Core()
     if not pinned:
         return core.compile_model(model, "CPU", config)
@@ -221,6 +225,7 @@ def runtime_precisions(compiled, names: set[str]) -> dict[str, str]:
 class OpenVINOBackend(Backend):
     name = "openvino"
     options = ("precision", "threads", "fp32_topk_scores")
+    profiles = True
     thread_safe = False  # one infer request, reused
 
     def __init__(
@@ -235,6 +240,8 @@ class OpenVINOBackend(Backend):
             raise UsageError(f"the openvino backend runs on the CPU here; got --device {device}")
 
         self.path = Path(path)
+        self.threads = threads
+        self.requested_precision = precision
         self.precision = check_inference_precision(precision)
         self.fp32_topk_scores = fp32_topk_scores and precision == BF16
         model, self.metadata = read_model(self.path)
@@ -262,6 +269,30 @@ class OpenVINOBackend(Backend):
 
     def close(self) -> None:
         self.request = self.compiled = self.output_port = None
+
+    def profile(self, batch: np.ndarray, runs: int) -> list[NodeTime]:
+        """OpenVINO's performance counters, from a second compilation with the same settings:
+        each executed node of the runtime graph with the ONNX nodes it came from (a fused
+        attention subgraph names all of them)."""
+        model, _ = read_model(self.path)
+        compiled = compile_model(
+            model, self.requested_precision, self.threads, self.fp32_topk_scores, perf_count=True
+        )
+        request = compiled.create_infer_request()
+        request.infer({self.metadata.input_name: batch})  # warm-up, not counted
+        times: dict[str, float] = {}
+        for _ in range(runs):
+            request.infer({self.metadata.input_name: batch})
+            for info in request.get_profiling_info():
+                if info.status == info.Status.EXECUTED:
+                    times[info.node_name] = times.get(info.node_name, 0.0) + info.real_time.total_seconds() * 1000 / runs
+        nodes = []
+        for op in compiled.get_runtime_model().get_ops():
+            name, info = op.get_friendly_name(), op.get_rt_info()
+            if name in times:
+                sources = tuple(s for s in info["originalLayersNames"].astype(str).split(",") if s)
+                nodes.append(NodeTime(name, info["layerType"].astype(str), times[name], sources))
+        return nodes
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         result = self.request.infer({self.metadata.input_name: batch})
