@@ -153,6 +153,10 @@ CASES = [
          "error: image thin.png is 1x8000, more than 20:1; crop it to the object first"),
     Case("image-modes", "grayscale, RGBA and 16-bit PNGs (converted to RGB)", ("predict", "tiny.onnx", "gray.png", "rgba.png", "gray16.png", "--json"), 0,
          ""),
+    Case("predict-folder", "a folder of images for predict (searched recursively)", ("predict", "tiny.onnx", "data", "--json"), 0,
+         ""),
+    Case("predict-random-weights", "predictions from a model with random weights (exported without --checkpoint)", ("predict", "tiny.onnx", "photo.jpg"), 0,
+         "warning: tiny.onnx has random weights (random:0): its predictions are meaningless"),
     Case("eval-corrupt-image", "a corrupt image in an eval folder", ("eval", "tiny.pth", "broken-data"), 1,
          "error: cannot decode image broken-data/n01440764/corrupt.jpg: …"),
     # Files
@@ -485,6 +489,11 @@ def test_image_modes_are_converted_to_rgb_as_documented(outcomes, tiny_predictor
     for g, want in zip(got, expected):
         assert g["class_ids"] == want.class_ids, (g["image"], g["class_ids"], want.class_ids)
         assert np.allclose(g["probs"], want.probs, rtol=1e-4, atol=1e-7), (g["image"], g["probs"], want.probs)
+
+
+def test_predict_reads_a_folder_as_eval_does(outcomes):
+    got = json.loads(outcomes["predict-folder"].stdout)
+    assert [g["image"] for g in got] == ["data/n01440764/photo.jpg"] and len(got[0]["class_ids"]) == 5
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from evit_deploy.model.config import EvitOverrides
 @output_options()
 def predict(
     artifact: Path = typer.Argument(..., help=".onnx, .plan/.engine, or a .pth/.safetensors checkpoint."),
-    images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...)."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Image files (JPEG, PNG, ...) or folders (searched recursively, as eval does)."),
     topk: int = typer.Option(5, help="Classes to report per image."),
     backend: str = BACKEND,
     device: Optional[str] = DEVICE,
@@ -36,17 +36,26 @@ def predict(
     out: Output = Output(),
 ) -> None:
     """Classify images with any artifact (DeiT preprocessing, settings from the artifact)."""
+    from evit_deploy.data.samples import find_images
     from evit_deploy.runtime import Predictor
 
+    images = [found for path in images for found in (find_images(path) if path.is_dir() else [path])]
     predictor = Predictor(artifact, backend=backend, device=device, evit=evit, **precision_options(precision))
     predictions = predictor.predict([str(p) for p in images], topk=topk)
-    if not out.as_json:
+    if not out.as_json:  # JSON consumers read stdout; the table's reader gets the warning
+        warn_if_random(predictor.metadata, artifact, "its predictions are meaningless")
         title = f"{artifact.name}: {settings_text(predictor.metadata)}"
         caption = f"{predictor.backend.name} ({predictor.backend.provider}, {predictor.backend.precision})"
         table = predictions_table(title, images, [p.to_dict() for p in predictions], predictor.metadata.classes, caption)
         console.print(table)
     records = [{"image": str(i), **p.to_dict()} for i, p in zip(images, predictions)]
     out.emit(records)
+
+
+def warn_if_random(meta, artifact: Path, consequence: str) -> None:
+    """One line where an artifact has seeded random weights (export without --checkpoint)."""
+    if meta.weights.startswith("random:"):
+        warnings.warn(f"{artifact.name} has random weights ({meta.weights}): {consequence}")
 
 
 @command()
@@ -159,8 +168,7 @@ def evaluate_accuracy(
         predictor = Predictor(artifact, backend=backend, device=device, evit=evit, **precision_options(precision))
     meta = predictor.metadata
     samples = spread_subset(find_samples(data_dir, meta.num_classes, labels, meta.classes), limit)
-    if predictor.metadata.weights.startswith("random:"):
-        warnings.warn(f"{artifact.name} has random weights: its accuracy is meaningless")
+    warn_if_random(predictor.metadata, artifact, "its accuracy is meaningless")
     columns = (
         TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(),
