@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from conftest import SMALL, TINY, config_for, fresh_model, natural_images, random_images
 from evit_deploy.errors import EvitDeployError
 from evit_deploy.model import EViT, build_model, read_state_dict
-from evit_deploy.model import EvitConfig
+from evit_deploy.model import EvitConfig, EvitOverrides
 from evit_deploy.model.checkpoint import CheckpointError, checkpoint_config, infer_model_name
 
 CONFIG = config_for(TINY, 0.7)
@@ -225,13 +225,13 @@ def test_architecture_is_inferred_from_the_weights(name):
 def test_checkpoint_config_reads_the_architecture_unless_one_is_named(source, tmp_path):
     path = tmp_path / "tiny.pth"
     torch.save({"model": state_of(source[0])}, path)
-    config, state = checkpoint_config(path, keep_rate=0.5)
+    config, state = checkpoint_config(path, EvitOverrides(keep_rate=0.5))
     assert (config.model, config.keep_rate) == (TINY, 0.5) and "cls_token" in state
-    named, _ = checkpoint_config(path, SMALL)  # a contradiction fails when the weights load
+    named, _ = checkpoint_config(path, EvitOverrides(model=SMALL))  # a contradiction fails when the weights load
     assert named.model == SMALL
     with pytest.raises(CheckpointError, match="does not fit deit_small_patch16_224"):
         build_model(named, path)
-    assert checkpoint_config(None, img_size=160) == (EvitConfig(img_size=160), None)
+    assert checkpoint_config(None, EvitOverrides(img_size=160)) == (EvitConfig(img_size=160), None)
 
 
 def test_unknown_architecture_is_reported():
