@@ -21,12 +21,22 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import pytest
+# One intra-op thread for PyTorch (OpenMP) and numpy's BLAS, in this process and in the CLI
+# processes the tests start (they inherit the environment); set before torch or numpy loads.
+# The tests run many small tensor ops, and on a busy machine (2 cores shared with other jobs,
+# or with a second pytest-xdist worker) a second OpenMP thread spin-waits for a core at every
+# op: measured, tests/test_checkpoint.py and tests/test_model.py took 137 s with 2 threads and
+# 16 s with 1. Nothing a test asserts depends on the thread count (a test that sets one, as
+# `--threads N` does, gets it back to this after; see `_one_torch_thread`). An
+# OMP_NUM_THREADS you set yourself is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from evit_deploy.model import EvitConfig, build_model
-from evit_deploy.model.vit import EViT
-from evit_deploy.preprocess import SAMPLE_IMAGE, preprocess
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from evit_deploy.model import EvitConfig, build_model  # noqa: E402
+from evit_deploy.model.vit import EViT  # noqa: E402
+from evit_deploy.preprocess import SAMPLE_IMAGE, preprocess  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
@@ -235,6 +245,18 @@ def _session_cache_dir(tmp_path_factory):
         os.environ.pop("EVIT_DEPLOY_CACHE", None)
     else:
         os.environ["EVIT_DEPLOY_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Give back PyTorch's thread count after a test that changed it (the PyTorch backend's
+    `threads` option sets it for the whole process), so later tests keep OMP_NUM_THREADS."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
