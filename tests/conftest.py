@@ -340,3 +340,22 @@ def export_torchscript(model, with_token_indices: bool = True):
         )
     return onnx.load_from_string(buffer.getvalue())
 
+
+# --------------------------------------------------------------------------------------------
+# pytest-xdist (`make test` runs `-n 2`)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n`: each test file runs whole on one worker, so its module fixtures (servers,
+    exports of their own, the errors table's CLI runs) are built once, not once per worker; the
+    done-when matrix rows are the exception, one unit each: independent exports of 15-40 s that
+    balance the two workers. (Exports shared across files come from ExportCache, once per run.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndMatrixRows(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module, _, name = nodeid.partition("::")
+            return nodeid if name.startswith("test_done_when_matrix[") else module
+
+    return FilesAndMatrixRows(config, log)
