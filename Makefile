@@ -51,8 +51,10 @@ bench: install-demo
 	$(CLI) bench $(BENCH_DIR)/deit_small_keep0.7.onnx --batch 1,8,64 --min-seconds 5 \
 		--json-out $(BENCH_DIR)/bench.json --force
 
+# Two pytest-xdist workers: each test file stays on one worker (tests/conftest.py's scheduler),
+# exports shared between files are made once per run; `pytest` alone runs the same tests serially.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

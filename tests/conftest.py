@@ -1,9 +1,10 @@
 """Shared fixtures and helpers for the evit-deploy test suite.
 
 Everything expensive is built once per session and shared: seeded random-weight models
-(`random_model`, cached by its arguments) and validated ONNX exports (`onnx_export`, cached by
-config). Shared objects must be treated as read-only; a test that changes a model builds its own
-with `fresh_model`.
+(`random_model`, cached by its arguments) and validated ONNX exports (`onnx_export`, an
+ExportCache keyed by the export settings, shared by all modules and all pytest-xdist workers of a
+run). Shared objects must be treated as read-only; a test that changes a model builds its own with
+`fresh_model`.
 
 No test downloads anything: weights are seeded random (`init_random_weights` makes the class
 attention peaky, as in a trained model) and images are made by the tests or the shipped sample
@@ -20,12 +21,22 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import pytest
+# One intra-op thread for PyTorch (OpenMP) and numpy's BLAS, in this process and in the CLI
+# processes the tests start (they inherit the environment); set before torch or numpy loads.
+# The tests run many small tensor ops, and on a busy machine (2 cores shared with other jobs,
+# or with a second pytest-xdist worker) a second OpenMP thread spin-waits for a core at every
+# op: measured, tests/test_checkpoint.py and tests/test_model.py took 137 s with 2 threads and
+# 16 s with 1. Nothing a test asserts depends on the thread count (a test that sets one, as
+# `--threads N` does, gets it back to this after; see `_one_torch_thread`). An
+# OMP_NUM_THREADS you set yourself is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from evit_deploy.model import EvitConfig, build_model
-from evit_deploy.model.vit import EViT
-from evit_deploy.preprocess import SAMPLE_IMAGE, preprocess
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from evit_deploy.model import EvitConfig, build_model  # noqa: E402
+from evit_deploy.model.vit import EViT  # noqa: E402
+from evit_deploy.preprocess import SAMPLE_IMAGE, preprocess  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
@@ -149,31 +160,74 @@ def sample_batch() -> np.ndarray:
 # Exports
 
 
-@pytest.fixture(scope="session")
-def onnx_export(tmp_path_factory) -> Callable:
-    """`onnx_export(config, with_token_indices=False, seed=0)` -> ExportResult of a validated
-    export of `random_model` for that config, made once per session. The file is shared:
-    read it, do not modify or move it."""
-    from evit_deploy.export import export_onnx
+def run_shared_folder(tmp_path_factory) -> Path:
+    """A folder every process of this test run sees: the session's temp folder, or under
+    pytest-xdist (`-n 2`) the parent of the workers' temp folders."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
-    folder = tmp_path_factory.mktemp("exports")
-    results = {}
 
-    def export(config: EvitConfig, with_token_indices: bool = False, seed: int = 0):
-        key = (config, with_token_indices, seed)
-        if key not in results:
-            name = (
-                f"{config.model}_k{config.keep_rate:g}_d{'-'.join(map(str, config.drop_loc))}"
-                f"_f{int(config.fuse_token)}_{config.img_size}_n{config.num_classes}"
-                f"_i{int(with_token_indices)}_s{seed}.onnx"
-            )
+class ExportCache:
+    """Validated ONNX exports of `random_model`, made once per test run and shared by every module
+    that asks for the same settings.
+
+    Why: one export (torch.export trace, onnxslim, validation against PyTorch) takes 10-40 s on a
+    2-core machine, and a dozen modules need the same few (the tiny keep-0.7 model above all).
+    The key is every setting that changes the file: the config, the seed of the weights, the
+    token-index outputs and the opset; a test that needs anything else (a checkpoint, another
+    precision, a patched exporter) exports its own. Under pytest-xdist the workers share one
+    folder: the first that needs an export makes it under a file lock, the others wait for it
+    and read its result, so no export is made twice in a run.
+
+    The files are shared: read them, do not modify or move them (copy first)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.results: dict[tuple, object] = {}
+
+    def __call__(
+        self, config: EvitConfig, with_token_indices: bool = False, seed: int = 0, opset: int | None = None
+    ):
+        from evit_deploy.export.onnx import DEFAULT_OPSET
+
+        key = (config, with_token_indices, seed, DEFAULT_OPSET if opset is None else opset)
+        if key not in self.results:
+            self.results[key] = self._load_or_export(key)
+        return self.results[key]
+
+    def _load_or_export(self, key: tuple):
+        import hashlib
+        import pickle
+
+        from filelock import FileLock
+
+        from evit_deploy.export import export_onnx
+
+        config, with_token_indices, seed, opset = key
+        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:10]
+        stem = (
+            f"{config.model}_k{config.keep_rate:g}_d{'-'.join(map(str, config.drop_loc))}"
+            f"_f{int(config.fuse_token)}_{config.img_size}_n{config.num_classes}"
+            f"_i{int(with_token_indices)}_s{seed}_o{opset}_{digest}"
+        )
+        path, record = self.folder / f"{stem}.onnx", self.folder / f"{stem}.result.pickle"
+        with FileLock(str(self.folder / f"{stem}.lock")):
+            if record.is_file():  # made by another xdist worker of this run
+                return pickle.loads(record.read_bytes())
             model = _cached_model(config, seed)
-            results[key] = export_onnx(
-                model, folder / name, with_token_indices=with_token_indices
-            )
-        return results[key]
+            result = export_onnx(model, path, with_token_indices=with_token_indices, opset=opset)
+            record.write_bytes(pickle.dumps(result))
+            return result
 
-    return export
+
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory) -> ExportCache:
+    """`onnx_export(config, with_token_indices=False, seed=0, opset=None)` -> ExportResult of a
+    validated export of `random_model` for those settings, made once per run (see ExportCache).
+    Read the file; do not modify or move it."""
+    folder = run_shared_folder(tmp_path_factory) / "shared-exports"
+    folder.mkdir(exist_ok=True)
+    return ExportCache(folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +245,18 @@ def _session_cache_dir(tmp_path_factory):
         os.environ.pop("EVIT_DEPLOY_CACHE", None)
     else:
         os.environ["EVIT_DEPLOY_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Give back PyTorch's thread count after a test that changed it (the PyTorch backend's
+    `threads` option sets it for the whole process), so later tests keep OMP_NUM_THREADS."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -273,3 +339,23 @@ def export_torchscript(model, with_token_indices: bool = True):
             dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *names]},
         )
     return onnx.load_from_string(buffer.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# pytest-xdist (`make test` runs `-n 2`)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n`: each test file runs whole on one worker, so its module fixtures (servers,
+    exports of their own, the errors table's CLI runs) are built once, not once per worker; the
+    done-when matrix rows are the exception, one unit each: independent exports of 15-40 s that
+    balance the two workers. (Exports shared across files come from ExportCache, once per run.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndMatrixRows(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module, _, name = nodeid.partition("::")
+            return nodeid if name.startswith("test_done_when_matrix[") else module
+
+    return FilesAndMatrixRows(config, log)

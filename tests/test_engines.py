@@ -1040,9 +1040,12 @@ def test_log_never_raises(fake_build_environment, monkeypatch):
     operation.raise_if_interrupted()  # raised once
 
 
-def test_cli_build_engine_reports_the_engine(traced_onnx, tmp_path, fake_build_environment):
+def test_cli_build_engine_reports_the_engine(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
     fake_build_environment()
-    output = tmp_path / "tiny.fp16.plan"
+    # A short relative output path: the report's first line names it, and with a long temp
+    # folder (pytest-xdist's adds /popen-gw0) it would wrap at the 120 columns of a non-terminal.
+    monkeypatch.chdir(tmp_path)
+    output = Path("tiny.fp16.plan")
     result = runner.invoke(app, ["build-engine", str(traced_onnx), "-o", str(output), "--max-batch", "64"])
     assert result.exit_code == 0, result.output
     for fragment in (

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -368,8 +369,16 @@ def test_a_closed_backend_releases_its_session_and_the_predictor_closes_its_back
     assert predictor.backend.session is None
 
 
-def test_bench_closes_every_backend_it_loaded(artifacts, tmp_path, monkeypatch):
-    monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory) -> Path:
+    """An EVIT_DEPLOY_CACHE for the bench tests that do not check the caching itself
+    (test_bench_evit_beside_cached_plain_baseline does, with its own empty one): the plain
+    baseline that bench exports for `artifacts` (10-20 s) is made once for them, not once each."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def test_bench_closes_every_backend_it_loaded(artifacts, bench_cache, monkeypatch):
+    monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(bench_cache))
     closed = []
     monkeypatch.setattr(
         OnnxRuntimeBackend, "close", lambda self: closed.append(self.metadata.keep_rate)
@@ -378,9 +387,9 @@ def test_bench_closes_every_backend_it_loaded(artifacts, tmp_path, monkeypatch):
     assert sorted(closed) == [0.7, 1.0]
 
 
-def test_bench_cli_writes_json(artifacts, tmp_path):
+def test_bench_cli_writes_json(artifacts, bench_cache, tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "EVIT_DEPLOY_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "EVIT_DEPLOY_CACHE": str(bench_cache)}
     proc = subprocess.run(
         [sys.executable, "-m", "evit_deploy", "bench", str(artifacts["onnx"]), "--batch", "1,2",
          "--iters", "2", "--warmup", "0", "--json-out", str(out)],

@@ -26,7 +26,6 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_IMAGE, assert_one_line_error, cli_env, config_for, run_cli
-from evit_deploy.stats import latency_summary
 from evit_deploy.client import (
     Client,
     ServerError,
@@ -39,6 +38,7 @@ from evit_deploy.preprocess import preprocess
 from evit_deploy.runtime import Predictor
 from evit_deploy.serve.metrics import Histogram, ServeMetrics, batch_buckets
 from evit_deploy.serve.server import BatchRunner, ServeOptions, python_backend_library_path
+from evit_deploy.stats import latency_summary
 
 SERVER_TIMEOUT = 120  # seconds for a server to start / stop, worst case on a loaded 2-core box
 
@@ -106,7 +106,6 @@ def test_logits_match_tolerates_rounding_not_other_answers():
     assert logits_match(a + 1e-5, a)
     assert not logits_match(b, a)
     assert not logits_match(np.full_like(a, np.nan), a)
-
 
 
 def test_latency_summary_interpolates_between_ranks_and_is_nan_for_no_samples():
