@@ -405,6 +405,10 @@ def test_bench_cli_writes_json(artifacts, bench_cache, tmp_path):
         assert {"model", "keep_rate", "backend", "batch", "latency_ms", "throughput_ips", "gmacs"} <= set(run)
         assert set(run["latency_ms"]) == {"mean", "p50", "p90", "p99"}
     assert "EViT (keep 0.7) is" in proc.stdout and "FLOPs ratio" in proc.stdout
+    # the plain run is ONNX Runtime FP32, the reference itself: its ratio is not said twice
+    assert "(the reference)" not in proc.stdout
+    keep_cells = [line.split("│")[2].strip() for line in proc.stdout.splitlines() if line.count("│") > 10]
+    assert keep_cells == ["0.7", "1.0", "0.7", "1.0"]  # as the JSON writes them, never "1"
     again = subprocess.run(
         [sys.executable, "-m", "evit_deploy", "bench", str(artifacts["onnx"]), "--batch", "1",
          "--iters", "1", "--json-out", str(out)],

@@ -361,6 +361,7 @@ def test_image_upload_matches_predictor(server, predictor, tmp_path):
         )
     assert status == 200, data
     assert json.loads(data)["class_ids"] == predictor.classify(predictor.logits(preprocess([SAMPLE_IMAGE])), 2)[0].class_ids
+    assert data.endswith(b"\n") and data.count(b"\n") == 1  # one JSON line
 
 
 def _png_declaring(width: int, height: int) -> bytes:

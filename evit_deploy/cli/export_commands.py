@@ -91,7 +91,7 @@ def export(
             f"TopK K          {meta.topk_k or 'none (plain ViT)'}",
             f"tokens/block    {meta.tokens_per_block}",
             f"classes         {len(meta.classes)}: {', '.join(meta.classes)}" if meta.classes
-            else f"classes         {meta.num_classes} (unnamed{', ImageNet names' if meta.num_classes == 1000 else ''})",
+            else f"classes         {meta.num_classes} ({'ImageNet names' if meta.num_classes == 1000 else 'unnamed'})",
             f"next            evit-deploy bench {escape(str(result.path))} --batch 64",
         ]
         for line in summary:

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from evit_deploy.cli.app import command, console, err_console
 from evit_deploy.cli.options import (
-    BACKEND, DEVICE, FORCE, PRECISION, TOPK_SCORES, Output, evit_options, output_options,
-    precision_options, settings_text,
+    BACKEND, DEVICE, FORCE, PRECISION, TOPK_SCORES, Output, evit_options, keep_text,
+    output_options, precision_options, settings_text,
 )
 from evit_deploy.cli.render import (
     bench_table, predictions_table, print_end_to_end, print_profiles, recall_table, sweep_table,
@@ -87,7 +87,7 @@ def bench(
     """Latency percentiles and throughput, EViT beside plain ViT, timed interleaved; with
     --end-to-end also from image files to top-k, stage by stage; with --profile per operator."""
     from evit_deploy.fileio import check_can_write
-    from evit_deploy.bench.bench import REFERENCE, bench_artifact, parse_batches
+    from evit_deploy.bench.bench import REFERENCE, bench_artifact, is_reference_kind, parse_batches
     from evit_deploy.bench.sweep import check_plotting, parse_keep_rates, plot_sweep, sweep_keep_rates
 
     batches = parse_batches(batch)
@@ -117,11 +117,12 @@ def bench(
         console.print(bench_table(report) if keep_rates is None else sweep_table(report))
         flops = report.flops_ratio
         first = report.runs[0]
-        reference = report.reference_speedup
+        # where the plain run is the reference itself, its ratio would only say the same again
+        reference = {} if is_reference_kind(first.backend, first.provider, first.precision) else report.reference_speedup
         for keep, by_batch in report.speedup.items() if keep_rates is None else ():
             for size, speedup in by_batch.items():
                 console.print(
-                    f"batch {size}: EViT (keep {keep:g}) is [bold]{speedup:.2f}x[/] the plain ViT's throughput "
+                    f"batch {size}: EViT (keep {keep_text(keep)}) is [bold]{speedup:.2f}x[/] the plain ViT's throughput "
                     f"on {first.backend} {first.precision} (FLOPs ratio {flops[keep]:.2f}x: {speedup / flops[keep]:.0%} of it)"
                     + (f"; [bold]{reference[keep][size]:.2f}x[/] {REFERENCE} (the reference)" if size in reference.get(keep, {}) else ""),
                     highlight=False,

@@ -148,8 +148,13 @@ def precision_options(precision: str | None, fp32_topk_scores: bool = True) -> d
     return options
 
 
+def keep_text(rate: float) -> str:
+    """A keep rate as the JSON writes it: 0.7, 1.0 (never "1")."""
+    return repr(float(rate))
+
+
 def settings_text(meta) -> str:
     """An artifact's (or EvitConfig's) EViT settings in one line, the keep rate in use first."""
     fusion = "fused token" if meta.fuse_token else "no fused token"
     blocks = ",".join(map(str, meta.drop_loc)) or "none"
-    return f"{meta.model}, keep rate {meta.keep_rate:g}, drop blocks {blocks}, {fusion}, {meta.img_size} px"
+    return f"{meta.model}, keep rate {keep_text(meta.keep_rate)}, drop blocks {blocks}, {fusion}, {meta.img_size} px"

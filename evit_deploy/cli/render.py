@@ -8,6 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from evit_deploy.cli.app import console
+from evit_deploy.cli.options import keep_text
 
 
 def validation_table(report, title: str = "Validation: ONNX Runtime vs PyTorch") -> Table:
@@ -101,7 +102,7 @@ def bench_table(report) -> Table:
         lat = run.latency_ms
         table.add_row(
             run.model.replace("_patch16_224", ""),
-            f"{run.keep_rate:g}",
+            keep_text(run.keep_rate),
             run.backend,
             run.precision,
             str(run.batch),
@@ -133,7 +134,7 @@ def print_end_to_end(report, folder: Path) -> None:
         share = row.share
         table.add_row(
             row.model.replace("_patch16_224", "") + (f" ({row.backend} {row.precision})" if several else ""),
-            f"{row.keep_rate:g}", str(row.batch),
+            keep_text(row.keep_rate), str(row.batch),
             *(f"{row.stage_ms[s]:.1f} ({share[s]:.0%})" for s in STAGES),
             f"{row.total_ms:.1f}", f"{row.throughput_ips:.1f}",
             f"{model_only[(row.keep_rate, row.batch, row.backend, row.precision)]:.1f}",
@@ -142,7 +143,7 @@ def print_end_to_end(report, folder: Path) -> None:
     for keep, by_batch in report.end_to_end_speedup.items():
         for size, speedup in by_batch.items():
             console.print(
-                f"batch {size}: end to end, EViT (keep {keep:g}) is [bold]{speedup:.2f}x[/] the plain "
+                f"batch {size}: end to end, EViT (keep {keep_text(keep)}) is [bold]{speedup:.2f}x[/] the plain "
                 f"ViT's throughput (model only: {report.speedup[keep][size]:.2f}x)"
             )
 
@@ -162,7 +163,7 @@ def sweep_table(report) -> Table:
     paper = {v["keep_rate"]: v["published_gmacs"] for v in report.variants}
     for run in report.runs:
         row = [
-            f"{run.keep_rate:g}",
+            keep_text(run.keep_rate),
             str(run.batch),
             f"{run.latency_ms['p50']:.1f}",
             f"{run.throughput_ips:.1f}",
@@ -222,7 +223,7 @@ def print_profiles(profiles) -> None:
         )
         table.add_column("op type")
         for p in shown:
-            table.add_column(f"keep {p.keep_rate:g}", justify="right")
+            table.add_column(f"keep {keep_text(p.keep_rate)}", justify="right")
         if evit and plain:
             table.add_column("plain / EViT", justify="right")
         types = list(dict.fromkeys(t for p in shown for t in p.by_type))

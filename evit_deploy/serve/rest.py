@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import threading
 import time
@@ -39,6 +40,11 @@ from evit_deploy.serve.metrics import ServeMetrics
 LOGGER = logging.getLogger(__name__)
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 MAX_TOPK = 100
+
+
+def json_line(payload) -> str:
+    """JSON bodies end with a newline, as curl users and line-reading clients expect."""
+    return json.dumps(payload) + "\n"
 
 
 class RequestError(Exception):
@@ -218,7 +224,7 @@ class RestFront:
         from aiohttp import web
 
         self.metrics.rest_requests.inc(str(status))
-        return web.json_response(payload, status=status, headers=headers)
+        return web.json_response(payload, status=status, headers=headers, dumps=json_line)
 
     async def handle_predict(self, request):
         from aiohttp import web
@@ -317,7 +323,7 @@ class RestFront:
     async def handle_live(self, request):
         from aiohttp import web
 
-        return web.json_response({"live": True})
+        return web.json_response({"live": True}, dumps=json_line)
 
     async def handle_ready(self, request):
         from aiohttp import ClientError, ClientTimeout, web
@@ -328,5 +334,5 @@ class RestFront:
                 ready = response.status == 200
         except (ClientError, asyncio.TimeoutError):
             ready = False
-        return web.json_response({"ready": ready, "model": self.model_name}, status=200 if ready else 503)
+        return web.json_response({"ready": ready, "model": self.model_name}, status=200 if ready else 503, dumps=json_line)
 
