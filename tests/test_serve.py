@@ -160,6 +160,9 @@ def test_serve_options_are_checked():
         ServeOptions(max_queue=0)
     with pytest.raises(UsageError, match="model name"):
         ServeOptions(model_name="a/b")
+    for dots in (".", ".."):  # accepted once, then unreachable: /v2/models/../ready
+        with pytest.raises(UsageError, match="not only dots"):
+            ServeOptions(model_name=dots)
 
 
 def test_python_backend_library_path_is_set_then_restored(monkeypatch):

@@ -120,6 +120,8 @@ def test_engine_that_cannot_take_batch_1_is_refused(tmp_path):
         ({"max_batch": 0}, "--max-batch must be positive"),
         ({"kind": "tpu"}, "--kind must be one of"),
         ({"model_name": "../evil"}, "model name"),
+        ({"model_name": ".."}, "not only dots"),
+        ({"model_name": "."}, "not only dots"),
     ],
 )
 def test_bad_options_are_refused_before_writing(onnx_artifact, tmp_path, kwargs, message):
@@ -136,6 +138,29 @@ def test_existing_model_is_replaced_only_with_force(onnx_artifact, tmp_path):
     write_triton_repo(onnx_artifact, tmp_path, max_batch=16, force=True)
     assert parse_config(tmp_path / "evit" / "config.pbtxt").max_batch_size == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evit"]
+
+
+@pytest.mark.parametrize("entry", ["file", "symlink", "dangling symlink"])
+def test_force_replaces_a_file_or_a_link_where_the_model_folder_goes(onnx_artifact, tmp_path, entry):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    if entry == "file":
+        (tmp_path / "evit").write_text("not a model folder")
+    else:
+        (tmp_path / "evit").symlink_to(target if entry == "symlink" else tmp_path / "missing")
+    with pytest.raises(UsageError, match="--force"):
+        write_triton_repo(onnx_artifact, tmp_path, max_batch=8)
+    write_triton_repo(onnx_artifact, tmp_path, max_batch=8, force=True)
+    assert (tmp_path / "evit").is_dir() and not (tmp_path / "evit").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "evit"]  # no .evit.old-* left
+    assert target.is_dir()  # a link's target is never followed into
+
+
+def test_a_name_the_file_system_refuses_is_the_one_cannot_write_line(onnx_artifact, tmp_path):
+    name = "m" * 300  # a valid model name, too long for a file name
+    with pytest.raises(EvitDeployError, match=rf"^cannot write {tmp_path}/m+: File name too long$"):
+        write_triton_repo(onnx_artifact, tmp_path, model_name=name)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_writes_a_repository_and_reports_errors_in_one_line(onnx_artifact, tmp_path):

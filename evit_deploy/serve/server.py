@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import socket
 import sysconfig
@@ -32,6 +31,7 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.runtime import Predictor
 from evit_deploy.runtime.backends import backend_for
 from evit_deploy.serve.metrics import ServeMetrics
+from evit_deploy.serve.triton_repo import check_model_name
 
 # What a model instance that missed PyTriton's handshake with the first instance reports, and how
 # many times Triton is started before that failure is final (EvitServer._start_triton).
@@ -71,8 +71,7 @@ class ServeOptions:
         ports = [self.port, self.grpc_port, self.metrics_port, self.rest_port]
         if any(not 0 < p < 65536 for p in ports) or len(set(ports)) != 4:
             raise UsageError(f"ports must be four distinct numbers in 1..65535, got {ports}")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.model_name):
-            raise UsageError(f"model name may contain only letters, digits, '.', '_' and '-', got '{self.model_name}'")
+        check_model_name(self.model_name)
 
     @property
     def ports(self) -> dict[str, int]:

@@ -163,6 +163,26 @@ def _plan_spec(path: Path) -> tuple[ArtifactMetadata, list[TensorSpec], list[Ten
     return meta, inputs, outputs, header
 
 
+def _occupied(path: Path) -> bool:
+    """Whether anything is at `path`: a folder, a file or a link, a dangling one too. A path the
+    file system refuses (a name too long) is the one "cannot write" error."""
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise EvitDeployError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return True
+
+
+def _remove(path: Path) -> None:
+    """A replaced entry, whatever it was: a folder, a file or a symbolic link (never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _parse_sizes(text: str | list[int] | None) -> list[int]:
     if text is None or text == "":
         return []
@@ -173,6 +193,16 @@ def _parse_sizes(text: str | list[int] | None) -> list[int]:
     except ValueError:
         raise UsageError(f"--preferred-batch takes comma-separated integers, got '{text}'") from None
     return sizes
+
+
+def check_model_name(name: str) -> str:
+    """A Triton model name is a folder of the repository and a path segment of its URLs: letters,
+    digits, '.', '_' and '-', and not only dots ('..' would be accepted and then unreachable)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or set(name) == {"."}:
+        raise UsageError(
+            f"model name may contain only letters, digits, '.', '_' and '-' (not only dots), got '{name}'"
+        )
+    return name
 
 
 def write_triton_repo(
@@ -196,8 +226,7 @@ def write_triton_repo(
     bf16), with `threads` inference threads per instance (default: all)."""
     artifact = Path(artifact)
     output = Path(output)
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", model_name) or model_name in (".", ".."):
-        raise UsageError(f"model name may contain only letters, digits, '.', '_' and '-', got '{model_name}'")
+    check_model_name(model_name)
     if instances <= 0:
         raise UsageError(f"--instances must be positive, got {instances}")
     if max_batch <= 0:
@@ -224,7 +253,7 @@ def write_triton_repo(
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output} exists and is not a directory")
     model_dir = output / model_name
-    if model_dir.exists() and not force:
+    if _occupied(model_dir) and not force:
         raise UsageError(f"{model_dir} already exists; pass --force to replace it")
 
     notes: list[str] = []
@@ -302,10 +331,10 @@ def write_triton_repo(
         parameters=parameters,
     )
 
-    output.mkdir(parents=True, exist_ok=True)
     tmp = output / f".{model_name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        output.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "1").mkdir(parents=True)
         (tmp / "config.pbtxt").write_text(spec.to_pbtxt(), encoding="utf-8")
         (tmp / LABELS_FILE).write_text("\n".join(class_names(meta)) + "\n", encoding="utf-8")
@@ -325,13 +354,15 @@ def write_triton_repo(
             save_ir(ir, meta, tmp / "1" / model_file)
         else:
             shutil.copyfile(artifact, tmp / "1" / model_file)
-        if model_dir.exists():
+        if _occupied(model_dir):
             old = output / f".{model_name}.old-{os.getpid()}"
             os.replace(model_dir, old)
             os.replace(tmp, model_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, model_dir)
+    except OSError as exc:  # read-only or full disk, a name too long: the one "cannot write" line
+        raise EvitDeployError(f"cannot write {model_dir}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TritonRepoResult(
