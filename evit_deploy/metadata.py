@@ -47,9 +47,16 @@ class ArtifactMetadata:
     weights: str = ""  # "random:SEED" or "sha256:DIGEST" of the checkpoint
     evit_deploy_version: str = __version__
     precision: str = FP32  # the graph's: fp32, or int8 for a quantized file
-    quantization: dict = field(default_factory=dict)  # int8: method, calibration set, gates
+    quantization: dict = field(default_factory=dict)  # int8: method, calibration set
     fp32_islands: list[str] = field(default_factory=list)  # fp16: the parts kept in FP32
-    gates_missed: list[str] = field(default_factory=list)  # fp16 written with --accept-failed-gates
+    # how the file was validated (ValidationReport.record): gates, passed, missed, held-out numbers,
+    # and accepted_failed_gates where it was written despite a missed gate
+    validation: dict = field(default_factory=dict)
+
+    @property
+    def gates_missed(self) -> list[str]:
+        """The gates this file missed and was written anyway (--accept-failed-gates); [] if none."""
+        return list(self.validation.get("missed", [])) if self.validation.get("accepted_failed_gates") else []
 
     @classmethod
     def from_model(cls, model, with_token_indices: bool = False) -> "ArtifactMetadata":
@@ -129,6 +136,7 @@ class ArtifactMetadata:
                 for name, f in names.items()
                 if name in props
             }
+            values.setdefault("validation", _earlier_validation(props))
             metadata = cls(**values)
             metadata.to_config()  # the same validation as the settings of an export
             metadata.preprocessing()  # and as a checkpoint's input transform
@@ -142,6 +150,18 @@ class ArtifactMetadata:
                 f"`evit-deploy export`"
             ) from None
         return metadata
+
+
+def _earlier_validation(props: dict[str, str]) -> dict:
+    """What files written before the `validation` field said of missed gates (fp16:
+    gates_missed; int8: inside quantization), so that they still say so."""
+    if "gates_missed" in props:
+        missed = json.loads(props["gates_missed"])
+        return {"missed": missed, "accepted_failed_gates": bool(missed)}
+    quantization = json.loads(props.get("quantization", "{}"))
+    if "validation" in quantization:
+        return {**quantization["validation"], "accepted_failed_gates": quantization.get("accepted_failed_gates", False)}
+    return {}
 
 
 def _required(f) -> bool:

@@ -1,8 +1,10 @@
-"""Latency summaries, the same for `bench` and `loadtest`: mean and the percentiles trtexec and
-perf_analyzer report (linear interpolation between ranks, numpy's default)."""
+"""Numbers as every command reports them: latency summaries, the same for `bench` and `loadtest`
+(mean and the percentiles trtexec and perf_analyzer report, linear interpolation between ranks,
+numpy's default), and shares printed so that a disagreement never rounds up to 100%."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,3 +21,9 @@ def latency_summary(ms: Sequence[float] | np.ndarray) -> dict[str, float]:
         "mean": float(values.mean()),
         **{f"p{q}": float(np.percentile(values, q)) for q in PERCENTILES},
     }
+
+
+def share_text(share: float, digits: int = 2) -> str:
+    """A share as a percentage rounded down, so that anything short of all never reads 100%."""
+    scale = 10 ** (digits + 2)
+    return f"{math.floor(share * scale + 1e-9) / scale:.{digits}%}"

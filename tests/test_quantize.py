@@ -22,20 +22,25 @@ from evit_deploy.data.shapes import CLASSES, write_dataset
 from evit_deploy.errors import UsageError
 from evit_deploy.export import export_onnx
 from evit_deploy.metadata import read_onnx_metadata
+from evit_deploy.model.config import Preprocessing
 from evit_deploy.export.quantize import calibration_set, quantize_onnx
 from evit_deploy.export.validate import ValidationFailed
 from evit_deploy.export.score_path import score_path_nodes
 from evit_deploy.export.validate import GATES, Gates
 from evit_deploy.runtime import Predictor
 
-REPORTED = Gates("int8", 0.0, 0.0, 100.0)  # every number measured and reported, nothing gated
+# every number measured and reported, nothing gated
+REPORTED = Gates("int8", min_top1_agreement=0.0, max_accuracy_drop=100.0, min_first_overlap=0.0, min_overlap=0.0,
+                 max_recall_drop=100.0)
 
 
 @pytest.fixture(scope="module")
 def shapes_onnx(tmp_path_factory):
-    """An 8-class deit_tiny EViT named with the shapes classes (so held-out accuracy is known)."""
+    """An 8-class deit_tiny EViT named with the shapes classes (so held-out accuracy is known),
+    taking the images uncropped as the shapes model does (so object recall is measured)."""
     model = fresh_model(config_for(TINY, num_classes=len(CLASSES)), seed=5)
     model.classes = list(CLASSES)
+    model.preprocessing = Preprocessing(crop_pct=1.0)
     path = tmp_path_factory.mktemp("int8") / "shapes_tiny.onnx"
     export_onnx(model, path)
     return path
@@ -87,7 +92,10 @@ def test_correct_int8_is_written_with_its_numbers_and_provenance(shapes_onnx, fo
     q = meta.quantization
     assert q["method"] == "dynamic" and q["calibration"] is None and q["weights"] == "int8 per channel"
     assert q["fp32_nodes"] == {"topk_score_path": len(result.excluded)} and len(result.excluded) >= 15
-    assert q["validation"]["passed"] and not q["accepted_failed_gates"]
+    assert meta.validation["passed"] and not meta.validation["accepted_failed_gates"]
+    assert meta.validation["gates"] == REPORTED.to_dict() and meta.validation["held_out"]["images"] == 16
+    # held-out shapes images list their objects: object recall is measured for both models
+    assert len(held_out.object_recall) == 3 and len(held_out.reference_object_recall) == 3
     # the score path is still float: its nodes are there, none reads an INT8 tensor
     graph = onnx.load(str(out)).graph
     names = {node.name: node.op_type for node in graph.node}
@@ -113,7 +121,7 @@ def test_broken_int8_misses_the_gates_and_writes_nothing(shapes_onnx, folders, t
         )
     message = str(info.value)
     assert "\n" not in message and "nothing written" in message and "--accept-failed-gates" in message
-    assert "first drop block keeps the same tokens" in message or "top-1 agreement" in message
+    assert "kept-token overlap" in message or "top-1 agreement" in message
     assert not out.exists() and list(tmp_path.iterdir()) == []
     held_out = info.value.report.cases[-1]
     assert not held_out.passed and held_out.gates == GATES["int8"]
@@ -123,8 +131,8 @@ def test_broken_int8_misses_the_gates_and_writes_nothing(shapes_onnx, folders, t
         validate_dir=folders / "held_out", exclude_score_path=False, accept_failed_gates=True,
     )
     meta = read_onnx_metadata(out)
-    assert not accepted.report.passed and meta.quantization["accepted_failed_gates"]
-    assert meta.quantization["validation"]["missed"] and not meta.quantization["validation"]["passed"]
+    assert not accepted.report.passed and meta.validation["accepted_failed_gates"]
+    assert meta.validation["missed"] and not meta.validation["passed"] and meta.gates_missed
     calibration = meta.quantization["calibration"]
     assert calibration["images"] == 4 and calibration["folder"].endswith("black")
     assert calibration["files_sha256"] == calibration_set(folders / "black").digest

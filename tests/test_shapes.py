@@ -11,7 +11,7 @@ from PIL import Image
 
 import evit_deploy
 from conftest import assert_one_line_error, run_cli
-from evit_deploy.analysis.object_recall import patch_recall
+from evit_deploy.data.objects import patch_recall
 from evit_deploy.data.shapes import (
     CLASSES,
     MAX_AREA,

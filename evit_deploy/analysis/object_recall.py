@@ -9,13 +9,13 @@ background is thinned, and still favours it after the last.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from evit_deploy.data.samples import spread_subset
+from evit_deploy.data.objects import patch_recall, read_objects, square_side
 from evit_deploy.data.shapes import OBJECTS_FILE
 from evit_deploy.errors import EvitDeployError
 from evit_deploy.model.vit import kept_patch_ids
@@ -45,38 +45,6 @@ class RecallReport:
             "object_share": self.object_share,
             "blocks": [b.__dict__ for b in self.blocks],
         }
-
-
-def read_objects(data_dir: str | Path) -> list[dict]:
-    path = Path(data_dir) / OBJECTS_FILE
-    try:
-        objects = json.loads(path.read_text(encoding="utf-8"))
-        return [{"file": o["file"], "patches": list(map(int, o["patches"]))} for o in objects]
-    except FileNotFoundError:
-        raise EvitDeployError(f"{data_dir} has no {OBJECTS_FILE} (write one with `evit-deploy dataset shapes`)") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EvitDeployError(f"cannot read {path}: {exc}") from None
-
-
-def patch_recall(
-    kept_ids: list[np.ndarray], object_patches: list[list[int]], num_patches: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """[images, drops] object recall and background kept, from the original patch ids each drop
-    block kept (kept_patch_ids; fused-token ids >= num_patches are neither object nor
-    background). An image without object patches has recall NaN."""
-    images, drops = len(object_patches), len(kept_ids)
-    recall = np.full((images, drops), np.nan)
-    background = np.zeros((images, drops))
-    for i, patches in enumerate(object_patches):
-        is_object = np.zeros(num_patches, dtype=bool)
-        is_object[patches] = True
-        for j, ids in enumerate(kept_ids):
-            kept = np.zeros(num_patches, dtype=bool)
-            kept[ids[i][ids[i] < num_patches]] = True
-            if is_object.any():
-                recall[i, j] = (kept & is_object).sum() / is_object.sum()
-            background[i, j] = (kept & ~is_object).sum() / max(1, (~is_object).sum())
-    return recall, background
 
 
 def object_recall(source: Backend, data_dir: str | Path, limit: int | None = None) -> RecallReport:
@@ -122,12 +90,3 @@ def object_recall(source: Backend, data_dir: str | Path, limit: int | None = Non
             for j, b in enumerate(drops)
         ],
     )
-
-
-def square_side(path: Path) -> int:
-    """The side of a square image file (0 if not square)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-    return width if width == height else 0

@@ -118,7 +118,7 @@ def default_onnx_name(config, precision: str = "fp32") -> str:
 def quantize(
     model: Path = typer.Argument(..., metavar="MODEL.onnx", help="An FP32 ONNX exported with `evit-deploy export`."),
     calibration: Optional[Path] = typer.Option(None, help="Images to calibrate activation ranges on (static, nncf)."),
-    method: str = typer.Option("static", help="static (ONNX Runtime QDQ), dynamic (ONNX Runtime, no calibration) or nncf."),
+    method: str = typer.Option("dynamic", help="dynamic (ONNX Runtime, no calibration; passes the gates on the shipped model), static (ONNX Runtime QDQ) or nncf."),
     calibration_images: int = typer.Option(256, help="Calibrate on at most this many images, spread over the folder."),
     validate_dir: Optional[Path] = typer.Option(None, help="Held-out images (class folders) the INT8 model is judged on."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output path (default: MODEL.int8.onnx)."),

@@ -228,11 +228,10 @@ def export_onnx(
             f"{precision} export failed validation, nothing written{hint}: {report.failure_summary()}",
             report,
         )
-    if not report.passed:
-        missed = [f"{c.name}: {m}" for c in report.cases for m in c.missed_gates()]
-        metadata = dataclasses.replace(metadata, gates_missed=missed)
-        stamp_metadata(proto, metadata)
-        data = proto.SerializeToString()
+    record = {**report.record(validate_dir), "accepted_failed_gates": not report.passed}
+    metadata = dataclasses.replace(metadata, validation=record)
+    stamp_metadata(proto, metadata)
+    data = proto.SerializeToString()
     on_step("writing")
     write_bytes_atomic(output, data, force)
     return ExportResult(output, metadata, report, len(data), opset)

@@ -21,6 +21,7 @@ accepts that explicitly, which the metadata then records.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -165,13 +166,15 @@ def _quantize_nncf(model, meta, batches, exclude) -> tuple[onnx.ModelProto, dict
         raise UsageError("--method nncf needs NNCF: pip install 'evit-deploy[openvino]'") from None
     # NNCF counts subset_size in dataset items: one image per item
     items = [{meta.input_name: image[None]} for batch in batches() for image in batch]
-    quantized = nncf.quantize(
-        model,
-        nncf.Dataset(items),
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(items),
-        ignored_scope=nncf.IgnoredScope(names=exclude, validate=False),
-    )
+    nncf.set_log_level(logging.ERROR)  # its per-node notes and progress bars are not the user's
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(items),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(items),
+            ignored_scope=nncf.IgnoredScope(names=exclude, validate=False),
+        )
     return quantized, {
         "library": f"nncf {nncf.__version__}", "format": "QDQ", "preset": "transformer",
         "weights": "int8 per channel",
@@ -207,7 +210,7 @@ def quantize_onnx(
     model_path: str | Path,
     output: str | Path,
     *,
-    method: str = "static",
+    method: str = "dynamic",
     calibration_dir: str | Path | None = None,
     calibration_images: int | None = DEFAULT_CALIBRATION_IMAGES,
     validate_dir: str | Path | None = None,
@@ -257,15 +260,9 @@ def quantize_onnx(
         "calibration": calibration.to_dict() if calibration else None,
         "fp32_nodes": {"topk_score_path": len(exclude)},
         "source": {"file": Path(model_path).name, "weights": meta.weights},
-        "validation": {
-            "validate_dir": str(Path(validate_dir).resolve()),
-            "passed": report.passed,
-            "missed": [m for c in report.cases for m in c.missed_gates()],
-            "gates": gates.to_dict(),
-        },
-        "accepted_failed_gates": not report.passed,
     }
-    metadata = replace(meta, precision=INT8, quantization=quantization)
+    validation = {**report.record(validate_dir), "accepted_failed_gates": not report.passed}
+    metadata = replace(meta, precision=INT8, quantization=quantization, validation=validation)
     stamp_metadata(quantized, metadata)
     data = quantized.SerializeToString()
     on_step("writing")

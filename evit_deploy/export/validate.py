@@ -10,9 +10,12 @@ function.
 
 FP32 must match within REL_TOLERANCE, top-1 included, with the same kept tokens everywhere (a
 difference is excused only at a genuine near-tie of the reference). A reduced precision cannot
-match bit for bit, so it has gates instead (GATES), measured on the held-out folder's row: top-1
-agreement, the share of images whose first drop block keeps the same patches, and where the
-images' classes are known, the accuracy drop. Other rows are reported for it, not gated.
+match bit for bit, so it is judged by what changes (GATES, one table for every reduced precision)
+on the held-out folder's row: the answers (top-1 agreement, and the accuracy drop where the images'
+classes are known), the kept tokens (the mean share of FP32's kept patches still kept, at the first
+and at every drop block) and, where the folder has objects.json, the object patches kept. The share
+of images keeping exactly FP32's patches is reported, not gated: one boundary patch swapping with a
+near-equal neighbour changes the set, not the answer. Other rows are reported, not gated.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 from evit_deploy.model.config import EvitConfig
 from evit_deploy.model.vit import kept_patch_ids
+from evit_deploy.data.objects import object_patches_of, patch_recall, square_side
 from evit_deploy.data.samples import find_images, find_samples
 from evit_deploy.preprocess import SAMPLE_IMAGE, load_image, preprocess
 from evit_deploy.precisions import BF16, FP16, FP32, INT8
+from evit_deploy.stats import share_text
 
 REL_TOLERANCE = 1e-4  # FP32: max |candidate - reference| <= REL_TOLERANCE * max |reference|
 NEAR_TIE_GAP = 1e-4  # relative gap between the K-th and (K+1)-th class attention at the boundary
@@ -44,19 +49,31 @@ class Gates:
     """What a reduced precision must show against FP32 on held-out images."""
 
     precision: str
-    min_top1_agreement: float
-    min_kept_identical: float  # share of images whose first drop block keeps the same patches
-    max_accuracy_drop: float | None = None  # top-1 points (0.3: 0.3 points); needs known classes
+    min_top1_agreement: float = 0.995
+    max_accuracy_drop: float = 0.3  # top-1 points; gated where the images' classes are known
+    min_first_overlap: float = 0.99  # mean share of FP32's kept patches kept, first drop block
+    min_overlap: float = 0.95  # ... at every drop block
+    max_recall_drop: float = 1.0  # object recall points per drop block; where objects.json is
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        return (
+            f"top-1 agreement >= {self.min_top1_agreement:.1%}, accuracy drop <= "
+            f"{self.max_accuracy_drop:g} points (known classes), kept-token overlap >= "
+            f"{self.min_first_overlap:.0%} at the first drop block and >= {self.min_overlap:.0%} at "
+            f"every one, object recall <= {self.max_recall_drop:g} point(s) below FP32's (objects.json)"
+        )
 
-GATES = {
-    FP16: Gates(FP16, 0.995, 0.99),
-    BF16: Gates(BF16, 0.995, 0.98, 0.3),
-    INT8: Gates(INT8, 0.995, 0.98, 0.3),
-}
+
+GATES = {precision: Gates(precision) for precision in (FP16, BF16, INT8)}
+
+
+def gates_for(precision: str) -> Gates:
+    """The gates a candidate in `precision` is judged by. FP32 on a runtime other than the
+    reference's (`optimize`) has other arithmetic too, so it is held to the same gates."""
+    return GATES.get(precision) or Gates(precision)
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,8 @@ class CaseResult:
     kept_overlap: tuple[float, ...] = ()  # per drop block: mean share of its kept patches also kept
     accuracy: float | None = None  # the candidate's top-1 where the images' classes are known
     reference_accuracy: float | None = None
+    object_recall: tuple[float, ...] = ()  # per drop block, where the images' objects are known
+    reference_object_recall: tuple[float, ...] = ()
     gates: Gates | None = None  # None: FP32
     gated: bool = True
 
@@ -128,22 +147,31 @@ class CaseResult:
         g = self.gates
         missed = []
         if self.top1_agreement < g.min_top1_agreement:
-            missed.append(f"top-1 agreement {self.top1_agreement:.2%} < {g.min_top1_agreement:.1%}")
-        if self.kept_identical and self.kept_identical[0] < g.min_kept_identical:
+            missed.append(f"top-1 agreement {share_text(self.top1_agreement)} < {g.min_top1_agreement:.1%}")
+        drop = self.accuracy_drop
+        if drop is not None and drop > g.max_accuracy_drop:
+            missed.append(f"accuracy drop {drop:.2f} points > {g.max_accuracy_drop:g}")
+        if self.kept_overlap and self.kept_overlap[0] < g.min_first_overlap:
             missed.append(
-                f"first drop block keeps the same tokens for {self.kept_identical[0]:.2%} of "
-                f"images < {g.min_kept_identical:.0%}"
+                f"kept-token overlap {share_text(self.kept_overlap[0])} at the first drop block "
+                f"< {g.min_first_overlap:.0%}"
             )
-        if g.max_accuracy_drop is not None:
-            drop = self.accuracy_drop
-            if drop is None:
-                missed.append(
-                    "accuracy drop not measured (the folder's images have no known classes: use "
-                    "class folders named as the model's classes)"
-                )
-            elif drop > g.max_accuracy_drop:
-                missed.append(f"accuracy drop {drop:.2f} points > {g.max_accuracy_drop:g}")
+        low = [j for j, share in enumerate(self.kept_overlap) if share < g.min_overlap]
+        if low:
+            missed.append(
+                "kept-token overlap "
+                + ", ".join(f"{share_text(self.kept_overlap[j])} at drop block {j + 1}" for j in low)
+                + f" < {g.min_overlap:.0%}"
+            )
+        for j, drop in enumerate(self.recall_drops):
+            if drop > g.max_recall_drop:
+                missed.append(f"object recall {drop:.2f} points below FP32's at drop block {j + 1} > {g.max_recall_drop:g}")
         return missed
+
+    @property
+    def recall_drops(self) -> list[float]:
+        """Object recall points lost against the reference, per drop block ([] where unknown)."""
+        return [100 * (r - c) for r, c in zip(self.reference_object_recall, self.object_recall)]
 
     @property
     def passed(self) -> bool:
@@ -169,6 +197,29 @@ class ValidationReport:
     def passed(self) -> bool:
         return all(c.passed for c in self.cases)
 
+    def record(self, validate_dir: str | Path | None = None) -> dict:
+        """What an artifact's metadata keeps of its validation: the gates (or FP32's rules) it was
+        held to, whether it passed and what it missed, and the held-out row's numbers."""
+        held_out = next((c for c in self.cases if c.gated), None)
+        rules = self.gates.to_dict() if self.gates else {"rel_tolerance": REL_TOLERANCE, "near_tie_gap": NEAR_TIE_GAP}
+        return {
+            "precision": self.precision,
+            "gates": rules,
+            "passed": self.passed,
+            "missed": [f"{c.name}: {m}" for c in self.cases for m in c.missed_gates()],
+            "validate_dir": str(Path(validate_dir).resolve()) if validate_dir else None,
+            "held_out": None if held_out is None else {
+                "images": held_out.batch,
+                "top1_agreement": held_out.top1_agreement,
+                "accuracy": held_out.accuracy,
+                "reference_accuracy": held_out.reference_accuracy,
+                "kept_overlap": list(held_out.kept_overlap),
+                "kept_identical": list(held_out.kept_identical),
+                "object_recall": list(held_out.object_recall),
+                "reference_object_recall": list(held_out.reference_object_recall),
+            },
+        }
+
     def failure_summary(self) -> str:
         return "; ".join(f"{c.name}: {', '.join(c.missed_gates())}" for c in self.cases if not c.passed)
 
@@ -184,6 +235,8 @@ class ValidationReport:
                     **{k: v for k, v in c.__dict__.items() if k != "gates"},
                     "kept_identical": list(c.kept_identical),
                     "kept_overlap": list(c.kept_overlap),
+                    "object_recall": list(c.object_recall),
+                    "reference_object_recall": list(c.reference_object_recall),
                     "tolerance": c.tolerance,
                     "accuracy_drop": c.accuracy_drop,
                     "passed": c.passed,
@@ -228,6 +281,13 @@ def merge_cases(name: str, parts: list[CaseResult]) -> CaseResult:
         ),
         accuracy=mean([p.accuracy for p in parts], sizes),
         reference_accuracy=mean([p.reference_accuracy for p in parts], sizes),
+        object_recall=tuple(
+            mean([p.object_recall[j] for p in parts], sizes) for j in range(len(parts[0].object_recall))
+        ) if all(p.object_recall for p in parts) else (),
+        reference_object_recall=tuple(
+            mean([p.reference_object_recall[j] for p in parts], sizes)
+            for j in range(len(parts[0].reference_object_recall))
+        ) if all(p.reference_object_recall for p in parts) else (),
         gates=parts[0].gates,
         gated=parts[0].gated,
     )
@@ -255,6 +315,7 @@ class InputSet:
     name: str
     images: np.ndarray
     labels: np.ndarray | None = None  # class ids, where known
+    objects: list[list[int]] | None = None  # each image's object patches, where known
     held_out: bool = False  # the --validate-dir row: where reduced precisions are gated
 
 
@@ -265,7 +326,8 @@ def validation_inputs(
 ) -> Iterator[InputSet]:
     """Seeded random tensors and a photograph with mirrored and close-up views, `batch` each;
     then every image under validate_dir in chunks (one name), with their classes where the
-    folders name the model's classes (or are ImageNet WordNet ids, or one per class)."""
+    folders name the model's classes (or are ImageNet WordNet ids, or one per class), and their
+    object patches where the folder's objects.json lists them for this model's patch grid."""
     img_size = meta.img_size
     transform = {k: getattr(meta, k) for k in ("mean", "std", "crop_pct", "interpolation")}
     rng = np.random.default_rng(0)
@@ -278,13 +340,17 @@ def validation_inputs(
     if validate_dir is None:
         return
     files, labels = labelled_images(validate_dir, meta)
+    objects = object_patches_of(validate_dir, files) if meta.crop_pct == 1.0 else None
     name = f"{Path(validate_dir).name}/ ({len(files)} images)"
     for start in range(0, len(files), DIR_CHUNK):
         chunk = slice(start, start + DIR_CHUNK)
+        # object patches are the model's patches only where the images reach it unscaled
+        known = objects is not None and all(square_side(f) == img_size for f in files[chunk])
         yield InputSet(
             name,
             preprocess(files[chunk], img_size, **transform),
             labels[chunk] if labels is not None else None,
+            objects[chunk] if known else None,
             held_out=True,
         )
 
@@ -358,7 +424,7 @@ def validate(
     for inputs in validation_inputs(meta, batch, validate_dir):
         ref, got = reference(inputs.images), candidate(inputs.images)
         parts.setdefault(inputs.name, []).append(
-            compare(inputs.name, ref, got.logits, got.indices, config, inputs.labels, gates, inputs.held_out)
+            compare(inputs.name, ref, got.logits, got.indices, config, inputs.labels, gates, inputs.held_out, inputs.objects)
         )
         on_chunk(len(inputs.images))
     cases = [chunks[0] if len(chunks) == 1 else merge_cases(name, chunks) for name, chunks in parts.items()]
@@ -392,8 +458,10 @@ def compare(
     labels: np.ndarray | None = None,
     gates: Gates | None = None,
     gated: bool = True,
+    objects: list[list[int]] | None = None,
 ) -> CaseResult:
-    """Compare one candidate's outputs with the reference's."""
+    """Compare one candidate's outputs with the reference's (object recall of both where the
+    images' `objects` are known and a reduced precision is judged)."""
     batch = ref.logits.shape[0]
     if len(got_indices) != len(ref.indices):
         raise EvitDeployError(
@@ -421,6 +489,12 @@ def compare(
     if labels is not None:
         accuracy = float(np.mean(got_logits.argmax(1) == labels))
         reference_accuracy = float(np.mean(ref.logits.argmax(1) == labels))
+    recall = reference_recall = ()
+    if objects is not None and gates is not None:
+        recall = tuple(float(v) for v in np.nanmean(patch_recall(got_ids, objects, config.num_patches)[0], axis=0))
+        reference_recall = tuple(
+            float(v) for v in np.nanmean(patch_recall(ref_ids, objects, config.num_patches)[0], axis=0)
+        )
     return CaseResult(
         name=name,
         batch=batch,
@@ -438,6 +512,8 @@ def compare(
         kept_overlap=tuple(float(v) for v in overlap.mean(axis=0)),
         accuracy=accuracy,
         reference_accuracy=reference_accuracy,
+        object_recall=recall,
+        reference_object_recall=reference_recall,
         gates=gates,
         gated=gated,
     )
