@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,53 @@ def atomic_output(path: str | Path, force: bool = False) -> Iterator[Path]:
         raise EvitDeployError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temp folder to fill; on success it replaces `path` (what is there, a folder, a
+    file or a link, only with `force`) by two renames, so `path` is never half-written."""
+    path = Path(path)
+    if occupied(path) and not force:
+        raise UsageError(f"{path} already exists; pass --force to replace it")
+    tmp = temp_path(path, os.getpid())
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_entry(tmp)
+        tmp.mkdir()
+        yield tmp
+        interrupt.check()  # a stop requested while we worked, even if a library swallowed it
+        if occupied(path):
+            if not force:  # appeared while we worked
+                raise UsageError(f"{path} already exists; pass --force to replace it")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except OSError as exc:  # read-only or full disk, a name too long: nothing was replaced
+        raise EvitDeployError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        remove_entry(tmp)
+        remove_entry(old)
+
+
+def occupied(path: Path) -> bool:
+    """Whether anything is at `path`: a folder, a file or a link, a dangling one too. A path the
+    file system refuses (a name too long) is the one "cannot write" error."""
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise EvitDeployError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return True
+
+
+def remove_entry(path: Path) -> None:
+    """Remove what is at `path`, whatever it is: a folder, a file or a link (never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def temp_path(path: Path, pid: int) -> Path:

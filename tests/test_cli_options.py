@@ -8,7 +8,7 @@ import typer
 from evit_deploy.cli import app
 
 COMMANDS = typer.main.get_command(app).commands
-JSON_COMMANDS = {"export", "predict", "info", "plan", "doctor", "client", "bench", "eval", "loadtest", "build-engine", "quantize"}
+JSON_COMMANDS = {"export", "predict", "info", "plan", "doctor", "client", "bench", "eval", "loadtest", "build-engine", "quantize", "optimize"}
 # Every command that loads a checkpoint (loadtest: with --artifact); info and plan take the model
 # as their argument, so they have the settings but not --model.
 CHECKPOINT_COMMANDS = {"export", "predict", "bench", "serve", "eval", "visualize", "loadtest"}

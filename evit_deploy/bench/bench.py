@@ -30,6 +30,7 @@ from evit_deploy.model.config import EvitOverrides
 from evit_deploy.model.flops import count_macs, count_params
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.base import Backend
+from evit_deploy.runtime.deployment import resolve_artifact
 from evit_deploy.stats import latency_summary
 from evit_deploy.precisions import FP32, INT8
 
@@ -307,8 +308,9 @@ def bench_artifact(
 ) -> BenchReport:
     """Time `path` at each batch size; for an EViT artifact also its plain ViT and, on the CPU,
     REFERENCE, all interleaved. With `end_to_end_dir`, also the whole path from its image files
-    to top-k classes; with `profile`, per-operator times of the EViT and the plain run."""
-    path = Path(path)
+    to top-k classes; with `profile`, per-operator times of the EViT and the plain run. `path`
+    may be a deployment folder (runtime/deployment.py)."""
+    path, backend, options = resolve_artifact(path, backend, options)
     with contextlib.ExitStack() as loaded:
         primary = loaded.enter_context(load_backend(path, backend, device, **options))
         if profile and not primary.profiles:

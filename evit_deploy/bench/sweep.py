@@ -23,6 +23,7 @@ from evit_deploy.install import PLOT_INSTALL
 from evit_deploy.metadata import read_onnx_metadata
 from evit_deploy.model.config import EvitOverrides
 from evit_deploy.runtime.backends import backend_for, load_backend
+from evit_deploy.runtime.deployment import resolve_artifact
 from evit_deploy.runtime.predictor import Predictor
 from evit_deploy.bench.bench import (
     DEFAULT_MIN_SECONDS,
@@ -61,7 +62,7 @@ def sweep_variants(
 ) -> list[Variant]:
     """What to load for each keep rate: the checkpoint with that keep rate (PyTorch), or an ONNX
     exported from the source's weights (ONNX Runtime; the source itself at its own keep rate)."""
-    path = Path(path)
+    path, backend, options = resolve_artifact(path, backend, options)
     kind, source_kind = backend_for(path, backend), backend_for(path, "auto")
     if "tensorrt" in (kind, source_kind):
         raise UsageError(

@@ -4,7 +4,9 @@ app.py holds the app and the error handling every command shares, options.py the
 declared once (the EViT and output groups), render.py the tables; the commands live by area.
 """
 
-from evit_deploy.cli import export_commands, measure_commands, serve_commands, tool_commands  # noqa: F401 (registers the commands)
+from evit_deploy.cli import (  # noqa: F401 (registers the commands)
+    export_commands, measure_commands, optimize_commands, serve_commands, tool_commands,
+)
 from evit_deploy.cli.app import app, main
 
 __all__ = ["app", "main"]

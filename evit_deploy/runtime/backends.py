@@ -10,6 +10,7 @@ from pathlib import Path
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.model.config import EvitOverrides
 from evit_deploy.runtime.base import Backend
+from evit_deploy.runtime.deployment import resolve_artifact
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "pytorch")
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -54,17 +55,18 @@ def load_backend(
     evit: EvitOverrides | None = None,
     **options,
 ) -> Backend:
-    """Load `path` on the backend its suffix implies (or the one named).
+    """Load `path` on the backend its suffix implies (or the one named); a deployment folder
+    (`evit-deploy optimize`) with the backend and options it records.
 
     evit: EViT settings for a checkpoint (an exported artifact carries its own: refused).
     options: onnxruntime: providers, threads; openvino: precision (fp32, bf16), threads,
     fp32_topk_scores; pytorch: fp16, compile, threads; tensorrt: none.
     """
-    path = Path(path)
+    path, backend, options = resolve_artifact(path, backend, options)
     if not path.exists():
         raise EvitDeployError(f"artifact not found: {path}")
     if path.is_dir():
-        raise UsageError(f"{path} is a directory; give a model file")
+        raise UsageError(f"{path} is a directory; give a model file (or a folder `evit-deploy optimize` wrote)")
     kind = check_overrides(path, backend, evit)
     if evit:
         options["evit"] = evit

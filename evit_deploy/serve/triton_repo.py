@@ -24,14 +24,15 @@ half-written model never appears in a repository Triton may be polling.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from evit_deploy.errors import EvitDeployError, UsageError
+from evit_deploy.fileio import atomic_folder, occupied
 from evit_deploy.metadata import ArtifactMetadata
+from evit_deploy.runtime.deployment import is_deployment, read_deployment
 from evit_deploy.data.labels import class_names
 
 ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -163,26 +164,6 @@ def _plan_spec(path: Path) -> tuple[ArtifactMetadata, list[TensorSpec], list[Ten
     return meta, inputs, outputs, header
 
 
-def _occupied(path: Path) -> bool:
-    """Whether anything is at `path`: a folder, a file or a link, a dangling one too. A path the
-    file system refuses (a name too long) is the one "cannot write" error."""
-    try:
-        path.lstat()
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise EvitDeployError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return True
-
-
-def _remove(path: Path) -> None:
-    """A replaced entry, whatever it was: a folder, a file or a symbolic link (never followed)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def _parse_sizes(text: str | list[int] | None) -> list[int]:
     if text is None or text == "":
         return []
@@ -223,9 +204,16 @@ def write_triton_repo(
 ) -> TritonRepoResult:
     """Write OUTPUT/<model_name>/ for `artifact` (.onnx, or an evit-deploy .plan/.engine).
     platform openvino (an .onnx): Triton's OpenVINO backend on the CPU, at `precision` (fp32,
-    bf16), with `threads` inference threads per instance (default: all)."""
+    bf16), with `threads` inference threads per instance (default: all). A deployment folder
+    (`evit-deploy optimize`) is served as it records: its artifact, on OpenVINO at its precision
+    where it chose OpenVINO (unless a platform is given)."""
     artifact = Path(artifact)
     output = Path(output)
+    if is_deployment(artifact):
+        deployment = read_deployment(artifact)
+        artifact = deployment.artifact
+        if platform == "auto" and deployment.backend == "openvino":
+            platform, precision = "openvino", deployment.options.get("precision", precision)
     check_model_name(model_name)
     if instances <= 0:
         raise UsageError(f"--instances must be positive, got {instances}")
@@ -253,7 +241,7 @@ def write_triton_repo(
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output} exists and is not a directory")
     model_dir = output / model_name
-    if _occupied(model_dir) and not force:
+    if occupied(model_dir) and not force:
         raise UsageError(f"{model_dir} already exists; pass --force to replace it")
 
     notes: list[str] = []
@@ -331,11 +319,8 @@ def write_triton_repo(
         parameters=parameters,
     )
 
-    tmp = output / f".{model_name}.tmp-{os.getpid()}"
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "1").mkdir(parents=True)
+    with atomic_folder(model_dir, force) as tmp:
+        (tmp / "1").mkdir()
         (tmp / "config.pbtxt").write_text(spec.to_pbtxt(), encoding="utf-8")
         (tmp / LABELS_FILE).write_text("\n".join(class_names(meta)) + "\n", encoding="utf-8")
         (tmp / METADATA_FILE).write_text(
@@ -354,17 +339,6 @@ def write_triton_repo(
             save_ir(ir, meta, tmp / "1" / model_file)
         else:
             shutil.copyfile(artifact, tmp / "1" / model_file)
-        if _occupied(model_dir):
-            old = output / f".{model_name}.old-{os.getpid()}"
-            os.replace(model_dir, old)
-            os.replace(tmp, model_dir)
-            _remove(old)
-        else:
-            os.replace(tmp, model_dir)
-    except OSError as exc:  # read-only or full disk, a name too long: the one "cannot write" line
-        raise EvitDeployError(f"cannot write {model_dir}: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return TritonRepoResult(
         model_dir=model_dir,
         config_path=model_dir / "config.pbtxt",
