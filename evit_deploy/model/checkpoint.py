@@ -228,7 +228,34 @@ def checkpoint_config(
     the default architecture, for random weights."""
     state = read_state_dict(checkpoint) if checkpoint is not None else None
     inferred = infer_model_name(state, checkpoint) if state is not None and evit.model is None else None
-    return evit.config(inferred), state
+    if state is None:
+        return evit.config(inferred), state
+    trained = trained_settings(checkpoint, state, evit.config(inferred).arch.patch_size)
+    return EvitOverrides(**{**trained, **evit.given()}).config(inferred), state
+
+
+def trained_settings(path: str | Path, state: dict[str, torch.Tensor], patch_size: int) -> dict:
+    """What the weights say they were trained with, as defaults for running them: the input size
+    (pos_embed's grid: a 256 px model runs at 256 px) and, where an evit-deploy safetensors header
+    records its recipe, the keep rate and drop blocks (a plain model trained at keep 1.0 runs plain)."""
+    settings = {}
+    pos = state.get("pos_embed")
+    if pos is not None and pos.ndim == 3:
+        side = math.isqrt(pos.shape[1] - 1)
+        if side * side == pos.shape[1] - 1:
+            settings["img_size"] = side * patch_size
+    if Path(path).suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            recipe = (handle.metadata() or {}).get("recipe")
+        try:
+            recipe = json.loads(recipe) if recipe else {}
+            settings.update({k: recipe[k] for k in ("keep_rate", "drop_loc") if k in recipe})
+            settings["drop_loc"] = tuple(settings.get("drop_loc", ())) or None
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path} has an invalid recipe in its metadata: {exc}") from None
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def file_sha256(path: str | Path) -> str:
