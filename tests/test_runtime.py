@@ -360,6 +360,28 @@ def test_bench_evit_beside_cached_plain_baseline(artifacts, images, tmp_path, mo
     assert baselines[0].stat().st_mtime_ns == stamp  # reused, not re-exported
 
 
+def test_bench_times_a_separately_trained_plain_vit_at_its_own_input_size(artifacts, bench_cache, tmp_path, monkeypatch):
+    """--plain: the plain run is the given artifact (a ViT trained without token reduction, here
+    at 192 px as a higher-resolution EViT's equal-cost baseline would be), timed at its own size;
+    an EViT or other classes are refused."""
+    from conftest import config_for, fresh_model
+
+    monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(bench_cache))
+    plain = tmp_path / "plain192.onnx"
+    export_onnx(fresh_model(config_for(keep_rate=1.0, img_size=192), seed=7), plain)
+    report = bench_artifact(artifacts["onnx"], [2], iterations=2, warmup=0, plain=plain)
+    assert [(v["keep_rate"], v["artifact"]) for v in report.variants][:2] == [
+        (0.7, str(artifacts["onnx"])), (1.0, str(plain))
+    ]
+    assert report.runs[1].keep_rate == 1.0 and report.speedup[0.7][2] > 0
+    with pytest.raises(UsageError, match="is an EViT"):
+        bench_artifact(artifacts["onnx"], [1], iterations=1, warmup=0, plain=artifacts["onnx"])
+    other = tmp_path / "plain10.onnx"
+    export_onnx(fresh_model(config_for(keep_rate=1.0, num_classes=10), seed=7), other)
+    with pytest.raises(UsageError, match="has 10 classes"):
+        bench_artifact(artifacts["onnx"], [1], iterations=1, warmup=0, plain=other)
+
+
 def test_a_closed_backend_releases_its_session_and_the_predictor_closes_its_backend(artifacts, images):
     with load_backend(artifacts["onnx"]) as backend:
         assert backend.run(images[:1]).shape == (1, 1000)

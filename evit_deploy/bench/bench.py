@@ -172,24 +172,26 @@ def parse_batches(text: str) -> list[int]:
 
 def interleaved_latencies(
     backends: Sequence[Backend],
-    batch: np.ndarray,
+    batch: np.ndarray | Sequence[np.ndarray],
     warmup: int = 3,
     iterations: int | None = None,
     min_seconds: float = DEFAULT_MIN_SECONDS,
 ) -> list[np.ndarray]:
     """Seconds per run for each backend, timed A, B, A, B, ... until each has `iterations` runs
-    (or, without `iterations`, at least `min_seconds` of runs and 5 runs)."""
+    (or, without `iterations`, at least `min_seconds` of runs and 5 runs). `batch`: one input for
+    all, or one per backend (models of other input sizes)."""
     if iterations is not None and iterations <= 0:
         raise UsageError(f"--iters must be positive, got {iterations}")
     if warmup < 0 or min_seconds <= 0:
         raise UsageError("--warmup must be >= 0 and --min-seconds > 0")
-    for backend in backends:
-        if backend.max_batch is not None and len(batch) > backend.max_batch:
+    batches = list(batch) if isinstance(batch, (list, tuple)) else [batch] * len(backends)
+    for backend, inputs in zip(backends, batches):
+        if backend.max_batch is not None and len(inputs) > backend.max_batch:
             raise UsageError(
-                f"batch {len(batch)} exceeds the {backend.name} artifact's max batch "
+                f"batch {len(inputs)} exceeds the {backend.name} artifact's max batch "
                 f"{backend.max_batch}; rebuild it with a larger --max-batch"
             )
-    prepared = [backend.prepare(batch) for backend in backends]
+    prepared = [backend.prepare(inputs) for backend, inputs in zip(backends, batches)]
     for backend, inputs in zip(backends, prepared):
         for _ in range(warmup):
             backend.run_prepared(inputs)
@@ -249,6 +251,23 @@ def load_baseline(
     return plain, load_backend(plain, kind, device, **options)
 
 
+def load_plain(primary: Backend, path: str | Path, backend: str, device: str | None, options: dict) -> Backend:
+    """A plain ViT artifact given to time beside `primary`, on the same backend with the same
+    settings; refused unless it is plain and has the same classes (its input size may differ:
+    EViT at a higher resolution for the cost of a plain ViT)."""
+    plain = load_backend(path, backend, device, **options)
+    meta, evit = plain.metadata, primary.metadata
+    problem = (
+        f"is an EViT (keep rate {meta.keep_rate:g}), not a plain ViT" if meta.to_config().is_evit
+        else f"has {meta.num_classes} classes, the EViT {evit.num_classes}" if meta.num_classes != evit.num_classes
+        else "names its classes differently" if meta.classes != evit.classes else ""
+    )
+    if problem:
+        plain.close()
+        raise UsageError(f"--plain {Path(path).name} {problem}")
+    return plain
+
+
 def runs_on_cpu(backend: Backend) -> bool:
     """A CPU deployment runtime (ONNX Runtime's CPU provider, OpenVINO): where REFERENCE is
     timed beside it. PyTorch eager is the reference's source, not a deployment."""
@@ -278,10 +297,11 @@ def time_variants(
     folder the end-to-end runs at the same batch sizes, added to `report`."""
     images = find_images(end_to_end_dir) if end_to_end_dir is not None else []
     rng = np.random.default_rng(seed)
-    size = variants[0].metadata.img_size
     for batch in batches:
         on_step(f"timing {len(variants)} model(s) at batch {batch}")
-        inputs = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+        noise = {size: rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+                 for size in sorted({v.metadata.img_size for v in variants})}  # each at its own input size
+        inputs = [noise[v.metadata.img_size] for v in variants]
         seconds = interleaved_latencies(variants, inputs, warmup, iterations, min_seconds)
         report.runs.extend(summarize(v, batch, s) for v, s in zip(variants, seconds))
         if images:
@@ -304,12 +324,14 @@ def bench_artifact(
     seed: int = 0,
     on_step: Callable[[str], None] = lambda step: None,
     profile: bool = False,
+    plain: str | Path | None = None,
     **options,
 ) -> BenchReport:
     """Time `path` at each batch size; for an EViT artifact also its plain ViT and, on the CPU,
     REFERENCE, all interleaved. With `end_to_end_dir`, also the whole path from its image files
     to top-k classes; with `profile`, per-operator times of the EViT and the plain run. `path`
-    may be a deployment folder (runtime/deployment.py)."""
+    may be a deployment folder (runtime/deployment.py). `plain`: a plain ViT artifact to time as
+    the plain run (one trained without token reduction) instead of these weights at keep 1.0."""
     path, backend, options = resolve_artifact(path, backend, options)
     with contextlib.ExitStack() as loaded:
         primary = loaded.enter_context(load_backend(path, backend, device, **options))
@@ -318,7 +340,10 @@ def bench_artifact(
         files, variants = [path], [primary]
         if baseline and primary.metadata.to_config().is_evit:
             on_step("loading the plain ViT")
-            plain_path, plain = load_baseline(primary, path, backend, device, options)
+            if plain is None:
+                plain_path, plain = load_baseline(primary, path, backend, device, options)
+            else:
+                plain_path, plain = Path(plain), load_plain(primary, plain, backend, device, options)
             files.append(plain_path)
             variants.append(loaded.enter_context(plain))
             if runs_on_cpu(primary) and not is_reference_kind(plain.name, plain.provider, plain.precision):

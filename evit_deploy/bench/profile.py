@@ -92,10 +92,10 @@ def profile_variants(
     seed: int = 0,
 ) -> list[Profile]:
     """A profile of each variant on the same random batch (the reference too, if timed)."""
-    size = variants[0].metadata.img_size
-    inputs = np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
     profiles = []
     for backend, path in zip(variants, files):
+        size = backend.metadata.img_size
+        inputs = np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
         parts = drop_parts(path) if Path(path).suffix.lower() == ".onnx" else {}
         nodes = backend.profile(inputs, runs)
         profiles.append(
