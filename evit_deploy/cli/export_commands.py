@@ -25,7 +25,7 @@ def export(
     opset: int = typer.Option(18, help="ONNX opset (18 to 23; LayerNorm is a single node)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .onnx path."),
     with_token_indices: bool = typer.Option(
-        False, help="Also output each drop block's kept-token indices."
+        False, "--with-token-indices", help="Also output each drop block's kept-token indices."
     ),
     labels: Optional[Path] = typer.Option(
         None, help="Class names, one per line in class-id order (default: labels.txt beside the checkpoint)."
@@ -37,11 +37,13 @@ def export(
     fp32_islands: str = typer.Option(
         "topk_scores", help="fp16 only: what stays FP32, comma-separated: topk_scores (the class attention TopK ranks), layernorm; or none."
     ),
-    accept_failed_gates: bool = typer.Option(False, help="fp16: write the file even if it misses a precision gate (recorded in its metadata)."),
+    accept_failed_gates: bool = typer.Option(False, "--accept-failed-gates", help="fp16: write the file even if it misses a precision gate (recorded in its metadata)."),
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """Export a checkpoint to ONNX (dynamic batch), validated against PyTorch before it is written."""
+    """Export a checkpoint to ONNX, validated against PyTorch.
+
+    The ONNX has a dynamic batch and is written only once it matches PyTorch."""
     from evit_deploy.export import export_onnx
     from evit_deploy.export.onnx import check_export_precision, check_opset
     from evit_deploy.export.validate import ValidationFailed
@@ -116,17 +118,19 @@ def default_onnx_name(config, precision: str = "fp32") -> str:
 @command()
 @output_options()
 def quantize(
-    model: Path = typer.Argument(..., metavar="MODEL.onnx", help="An FP32 ONNX exported with `evit-deploy export`."),
+    model: Path = typer.Argument(..., help="An FP32 ONNX exported with `evit-deploy export`."),
     calibration: Optional[Path] = typer.Option(None, help="Images to calibrate activation ranges on (static, nncf)."),
     method: str = typer.Option("static", help="static (ONNX Runtime QDQ), dynamic (ONNX Runtime, no calibration) or nncf."),
     calibration_images: int = typer.Option(256, help="Calibrate on at most this many images, spread over the folder."),
     validate_dir: Optional[Path] = typer.Option(None, help="Held-out images (class folders) the INT8 model is judged on."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output path (default: MODEL.int8.onnx)."),
-    accept_failed_gates: bool = typer.Option(False, help="Write the file even if it misses a precision gate (recorded in its metadata)."),
+    accept_failed_gates: bool = typer.Option(False, "--accept-failed-gates", help="Write the file even if it misses a precision gate (recorded in its metadata)."),
     out: Output = Output(),
 ) -> None:
-    """INT8 quantization of an exported ONNX (TopK score path kept in float), validated against the
-    FP32 file on held-out images; nothing is written when a precision gate is missed."""
+    """Quantize an exported ONNX to INT8, validated against FP32.
+
+    The TopK score path stays in float. The INT8 file is judged against the FP32 one on held-out
+    images; nothing is written when a precision gate is missed."""
     from evit_deploy.export.quantize import default_int8_name, quantize_onnx
     from evit_deploy.export.validate import ValidationFailed
 
@@ -171,7 +175,7 @@ def quantize(
 @command(name="build-engine")
 @output_options()
 def build_engine_command(
-    model: Path = typer.Argument(..., metavar="MODEL.onnx", help="An ONNX exported with `evit-deploy export` (FP32, or FP16 from `export --precision fp16`)."),
+    model: Path = typer.Argument(..., help="An ONNX exported with `evit-deploy export` (FP32, or FP16 from `export --precision fp16`)."),
     fp16: bool = typer.Option(True, "--fp16/--fp32", help="FP16 where the GPU has fast FP16: an FP32 ONNX is converted to FP16 with FP32 islands first, an FP16 ONNX builds as it is; or FP32 throughout (TF32 off). Always a strongly typed network."),
     min_batch: int = typer.Option(1, help="Smallest batch the engine accepts."),
     opt_batch: int = typer.Option(64, help="Batch size the kernels are tuned for."),
@@ -180,13 +184,15 @@ def build_engine_command(
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file, reused and updated (default: one per TensorRT version and GPU in the evit-deploy cache)."),
     fp32_layers: Optional[list[str]] = typer.Option(None, "--fp32-layers", metavar="PATTERN", help="Converting an FP32 ONNX: also keep ONNX nodes in FP32 whose name contains this text (or matches this glob); repeatable."),
     fp32_topk_scores: bool = typer.Option(True, "--fp32-topk-scores/--fp16-topk-scores", help="Converting an FP32 ONNX: keep the class-attention scores that TopK ranks in FP32."),
-    fp32_layernorm: bool = typer.Option(False, "--fp32-layernorm/--fp16-layernorm", help="Converting an FP32 ONNX: keep every LayerNorm in FP32."),
+    fp32_layernorm: bool = typer.Option(False, "--fp32-layernorm", help="Converting an FP32 ONNX: keep every LayerNorm in FP32."),
     detailed_profile: bool = typer.Option(False, "--detailed-profile", help="Keep per-layer details (types, precisions) in the engine for TensorRT's engine inspector."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Engine path (default: MODEL.fp16.plan or MODEL.fp32.plan)."),
     device: Optional[str] = typer.Option(None, help="cuda or cuda:N (default: the current GPU)."),
     out: Output = Output(),
 ) -> None:
-    """Build a TensorRT engine (strongly typed, dynamic batch, FP16 by default) carrying the model's metadata."""
+    """Build a TensorRT engine carrying the model's metadata.
+
+    Strongly typed, dynamic batch, FP16 by default."""
     from evit_deploy.engines.settings import BatchProfile, BuildSettings
     from evit_deploy.engines.tensorrt import build_engine
 

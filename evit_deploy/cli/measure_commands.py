@@ -27,7 +27,7 @@ from evit_deploy.model.config import EvitOverrides
 @output_options()
 def predict(
     artifact: Path = typer.Argument(..., help=".onnx, .plan/.engine, or a .pth/.safetensors checkpoint."),
-    images: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Image files (JPEG, PNG, ...) or folders (searched recursively, as eval does)."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files (JPEG, PNG, ...) or folders (searched recursively, as eval does)."),
     topk: int = typer.Option(5, help="Classes to report per image."),
     backend: str = BACKEND,
     device: Optional[str] = DEVICE,
@@ -35,7 +35,9 @@ def predict(
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """Classify images with any artifact (DeiT preprocessing, settings from the artifact)."""
+    """Classify images with any artifact.
+
+    DeiT preprocessing, with the settings the artifact carries."""
     from evit_deploy.data.samples import find_images
     from evit_deploy.runtime import Predictor
 
@@ -65,7 +67,7 @@ def bench(
     artifact: Path = typer.Argument(..., help=".onnx, .plan/.engine, or a .pth/.safetensors checkpoint."),
     batch: str = typer.Option("64", help="Batch size, or a list: 1,8,64."),
     warmup: int = typer.Option(3, help="Untimed runs per variant and batch size."),
-    iters: Optional[int] = typer.Option(None, help="Timed runs per variant (default: --min-seconds)."),
+    iters: Optional[int] = typer.Option(None, help="Timed runs per variant (default: as many as fit in --min-seconds)."),
     min_seconds: float = typer.Option(3.0, help="Time each variant at least this long (without --iters)."),
     backend: str = BACKEND,
     device: Optional[str] = DEVICE,
@@ -84,8 +86,10 @@ def bench(
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """Latency percentiles and throughput, EViT beside plain ViT, timed interleaved; with
-    --end-to-end also from image files to top-k, stage by stage; with --profile per operator."""
+    """Time EViT beside the plain ViT: latency and throughput.
+
+    The two are timed interleaved. With --end-to-end also from image files to top-k, stage by
+    stage; with --profile per operator."""
     from evit_deploy.fileio import check_can_write
     from evit_deploy.bench.bench import REFERENCE, bench_artifact, is_reference_kind, parse_batches
     from evit_deploy.bench.sweep import check_plotting, parse_keep_rates, plot_sweep, sweep_keep_rates
@@ -153,8 +157,10 @@ def evaluate_accuracy(
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """Top-1 / top-5 accuracy on an image folder, with any backend; with an objects.json (from
-    `evit-deploy dataset shapes`) also how much of each object the drop blocks keep."""
+    """Top-1 / top-5 accuracy on an image folder, with any backend.
+
+    With an objects.json (from `evit-deploy dataset shapes`) also how much of each object the
+    drop blocks keep."""
     import time
 
     from evit_deploy.data.shapes import OBJECTS_FILE
@@ -227,14 +233,14 @@ def _object_recall(artifact: Path, data_dir: Path, limit: Optional[int], evit: E
 @evit_options()
 def visualize(
     artifact: Path = typer.Argument(..., help="A checkpoint, or an ONNX exported with --with-token-indices."),
-    images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...)."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files (JPEG, PNG, ...)."),
     output: Path = typer.Option(Path("."), "--output", "-o", help="Folder for <image>_tokens.png, or a .png path for one image."),
     force: bool = FORCE,
     evit: EvitOverrides = EvitOverrides(),
 ) -> None:
-    """Draw the patches every drop block keeps, one PNG per image (the paper's figure).
+    """Draw the patches each drop block keeps (the paper's figure).
 
-    Dropped patches are masked out; patches fused in that block are shaded."""
+    One PNG per image: dropped patches are masked out; patches fused in that block are shaded."""
     from evit_deploy.analysis.visualize import figure_paths, load_token_source, write_figures
 
     paths = figure_paths(images, output, force)
@@ -250,12 +256,14 @@ def visualize(
 @evit_options(("keep_rate", "drop_loc", "fuse_token", "img_size"))
 @output_options()
 def info(
-    target: str = typer.Argument(..., metavar="ARTIFACT_OR_MODEL", help="A model name, a checkpoint, an exported .onnx or an engine."),
+    target: str = typer.Argument(..., metavar="MODEL", help="A model name, a checkpoint, an exported .onnx or an engine."),
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """Parameters, tokens entering each block and GMACs counted with those token counts.
-    Reads an exported model's metadata only: no torch, no runtime."""
+    """Parameters, tokens per block and GMACs of a model.
+
+    GMACs are counted with the tokens entering each block. Of an exported model only the
+    metadata is read: no torch, no runtime."""
     from evit_deploy.analysis.planning import model_cost, resolve_config
 
     config = resolve_config(target, evit)
@@ -282,14 +290,16 @@ def info(
 @evit_options(("drop_loc", "fuse_token"))
 @output_options()
 def plan(
-    target: str = typer.Argument(..., metavar="ARTIFACT_OR_MODEL", help="A model name, a checkpoint, an exported .onnx or an engine: its architecture and classes."),
+    target: str = typer.Argument(..., metavar="MODEL", help="A model name, a checkpoint, an exported .onnx or an engine: its architecture and classes."),
     budget_gmacs: float = typer.Option(..., help="GMACs per image to stay within (DeiT-S at 224: 4.6)."),
     img_sizes: Optional[str] = typer.Option(None, help="Sizes to try (default 224,240,...,384)."),
     keep_rates: Optional[str] = typer.Option(None, help="Keep rates to try (default 0.40,0.45,...,1.00)."),
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """More tokens at the same cost: per input size, the highest keep rate that fits a budget."""
+    """The highest keep rate per input size within a GMACs budget.
+
+    More tokens at the same cost: a larger input with a lower keep rate."""
     from evit_deploy.analysis.planning import (
         DEFAULT_PLAN_KEEP_RATES, DEFAULT_PLAN_SIZES, fit_budget, parse_numbers, resolve_config,
     )

@@ -17,8 +17,10 @@ from evit_deploy.cli.options import FORCE, Output, output_options
 def doctor(
     out: Output = Output(),
 ) -> None:
-    """Versions, GPU, and which backends, exports, builds, serving and plots work here (and what
-    to install)."""
+    """What works here: backends, exports, serving and plots.
+
+    Versions, GPU, and which backends, exports, builds, serving and plots work here, and what to
+    install for the others."""
     from evit_deploy.doctor import diagnose
 
     report = diagnose()
@@ -63,7 +65,7 @@ def doctor(
     out.emit(report.to_dict())
 
 
-dataset_app = typer.Typer(no_args_is_help=True, help="Generate datasets (no download needed).")
+dataset_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Generate datasets (no download needed).")
 app.add_typer(dataset_app, name="dataset")
 
 
@@ -75,8 +77,10 @@ def dataset_shapes(
     img_size: int = typer.Option(224, help="Image size in pixels (a multiple of 16)."),
     force: bool = FORCE,
 ) -> None:
-    """The shapes dataset the shipped model was trained on: one coloured object on grey clutter,
-    8 classes (colour family x shape), with each image's object patches in objects.json."""
+    """The shapes dataset the shipped model was trained on.
+
+    One coloured object on grey clutter, 8 classes (colour family x shape), with each image's
+    object patches in objects.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from evit_deploy.data.shapes import CLASSES, write_dataset
