@@ -1,6 +1,6 @@
 """The command line as a whole: options that mean the same thing are the same option on every
-command (the JSON outputs, a checkpoint's EViT settings), and every `--help` reads well at 80
-columns."""
+command (the JSON outputs, a checkpoint's EViT settings); every `--help` reads well at 80
+columns; long steps show their stages where stderr is no terminal (a log, CI)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from evit_deploy.cli import app
 
 ROOT = typer.main.get_command(app)
 COMMANDS = ROOT.commands
+SHIPPED = "evit_deploy/assets/shapes/shapes_evit_tiny.safetensors"
 JSON_COMMANDS = {"export", "predict", "info", "plan", "doctor", "client", "bench", "eval", "loadtest", "build-engine", "quantize"}
 # Every command that loads a checkpoint (loadtest: with --artifact); info and plan take the model
 # as their argument, so they have the settings but not --model.
@@ -101,3 +102,42 @@ def test_flags_that_are_off_by_default_have_no_off_switch():
             if getattr(param, "is_flag", False) and param.default is False:
                 assert not param.secondary_opts, (path, param.opts, param.secondary_opts)
 
+
+STAGE_DONE = r" \.\.\. done in \d+ s"
+
+
+def test_long_steps_show_their_stages_where_stderr_is_no_terminal(tmp_path):
+    """One line as a stage gets under way, a done line after a counted one; the opening stage
+    (loading the inputs) has no line, so a mistake in them ends with one line alone."""
+    runner = CliRunner()
+    data = tmp_path / "shapes"
+    made = runner.invoke(app, ["dataset", "shapes", "-o", str(data), "--count", "8"])
+    assert made.exit_code == 0, made.output
+    generating = re.escape(f"generating 8 images in {data}")
+    assert re.fullmatch(rf"{generating} \.\.\.\n{generating}{STAGE_DONE}\n", made.stderr), made.stderr
+
+    evaluated = runner.invoke(app, ["eval", SHIPPED, str(data), "--batch", "4", "--json"])
+    assert evaluated.exit_code == 0, evaluated.stderr
+    evaluating = re.escape(f"evaluating 8 images in {data}")
+    recall = re.escape("object recall: which patches each drop block keeps ...")
+    assert re.fullmatch(rf"{evaluating} \.\.\.\n{evaluating}{STAGE_DONE}\n{recall}\n", evaluated.stderr), evaluated.stderr
+
+    refused = runner.invoke(app, ["dataset", "shapes", "-o", str(tmp_path / "other"), "--count", "8", "--img-size", "100"])
+    assert refused.exit_code == 2
+    assert refused.stderr == "error: --img-size must be a positive multiple of 16, got 100\n"  # no blank line before it
+
+
+def test_export_shows_its_validation_stage(tmp_path):
+    runner = CliRunner()
+    data = tmp_path / "held-out"
+    assert runner.invoke(app, ["dataset", "shapes", "-o", str(data), "--count", "4", "--img-size", "64"]).exit_code == 0
+    exported = runner.invoke(app, [
+        "export", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--validate-dir", str(data),
+        "-o", str(tmp_path / "m.onnx"), "--json",
+    ])
+    assert exported.exit_code == 0, exported.stderr
+    validating = re.escape("validating on held-out/ (4 images)")
+    stages = [line for line in exported.stderr.splitlines() if not line.startswith("warning:")]
+    assert stages[:3] == ["exporting ...", "simplifying ...", "validating ..."], exported.stderr
+    assert re.fullmatch(rf"{validating} \.\.\.", stages[3]) and re.fullmatch(rf"{validating}{STAGE_DONE}", stages[4]), exported.stderr
+    assert stages[5:] == ["writing ..."], exported.stderr

@@ -279,8 +279,9 @@ def time_variants(
     rng = np.random.default_rng(seed)
     size = variants[0].metadata.img_size
     for batch in batches:
-        on_step(f"timing {len(variants)} model(s) at batch {batch}")
+        # a batch too big for memory fails here, before its stage is announced: one error line
         inputs = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+        on_step(f"timing {len(variants)} model(s) at batch {batch}")
         seconds = interleaved_latencies(variants, inputs, warmup, iterations, min_seconds)
         report.runs.extend(summarize(v, batch, s) for v, s in zip(variants, seconds))
         if images:

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from evit_deploy.cli.app import command, console, err_console
 from evit_deploy.cli.options import Output, evit_options, output_options, settings_text
+from evit_deploy.cli.progress import stages
 from evit_deploy.cli.render import validation_table
 from evit_deploy.model.config import EvitOverrides
 
@@ -57,7 +58,7 @@ def export(
     check_export_precision(precision, islands, validate_dir)
     title = "Validation: ONNX Runtime vs PyTorch" + (f" FP32 ({precision}, FP32 islands: {', '.join(islands) or 'none'})" if precision != "fp32" else "")
     try:
-        with err_console.status("loading model") as status:
+        with stages("loading model") as shown:
             config, state = checkpoint_config(checkpoint, evit)
             if output is None:
                 output = check_can_write(default_onnx_name(config, precision), out.force)
@@ -72,7 +73,8 @@ def export(
                 precision=precision,
                 fp32_islands=islands,
                 accept_failed_gates=accept_failed_gates,
-                on_step=lambda step: status.update(step),
+                on_step=shown.step,
+                on_progress=shown.advance,
             )
     except ValidationFailed as failed:
         (err_console if out.as_json else console).print(validation_table(failed.report, title))
@@ -137,11 +139,11 @@ def quantize(
     output = output or default_int8_name(model)
     title = f"Validation: INT8 ({method}) vs FP32, ONNX Runtime"
     try:
-        with err_console.status(f"quantizing {model.name}") as status:
+        with stages(f"quantizing {model.name}") as shown:
             result = quantize_onnx(
                 model, output, method=method, calibration_dir=calibration, calibration_images=calibration_images,
                 validate_dir=validate_dir, accept_failed_gates=accept_failed_gates, force=out.force,
-                on_step=status.update,
+                on_step=shown.step, on_progress=shown.advance,
             )
     except ValidationFailed as missed:
         (err_console if out.as_json else console).print(validation_table(missed.report, title))
@@ -206,8 +208,8 @@ def build_engine_command(
         timing_cache=str(timing_cache) if timing_cache else "",
         detailed_profile=detailed_profile,
     )
-    with err_console.status(f"building an engine from {model.name}") as status:
-        result = build_engine(model, output, settings, out.force, device, on_step=status.update)
+    with stages(f"building an engine from {model.name}") as shown:
+        result = build_engine(model, output, settings, out.force, device, on_step=shown.step)
     header = result.header
     record = {
         "path": str(result.path),

@@ -15,6 +15,7 @@ from evit_deploy.cli.options import (
     BACKEND, DEVICE, FORCE, PRECISION, TOPK_SCORES, Output, evit_options, keep_text,
     output_options, precision_options, settings_text,
 )
+from evit_deploy.cli.progress import stages
 from evit_deploy.cli.render import (
     bench_table, predictions_table, print_end_to_end, print_profiles, recall_table, sweep_table,
 )
@@ -106,16 +107,16 @@ def bench(
         check_plotting()
     timing = dict(warmup=warmup, iterations=iters, min_seconds=min_seconds, end_to_end_dir=end_to_end)
     options = ({"threads": threads} if threads else {}) | precision_options(precision, fp32_topk_scores)
-    with err_console.status(f"benchmarking {artifact.name} at batch {batch}") as status:
+    with stages(f"benchmarking {artifact.name} at batch {batch}") as shown:
         if keep_rates is None:
             report = bench_artifact(
-                artifact, batches, backend, device, baseline=baseline, on_step=status.update,
+                artifact, batches, backend, device, baseline=baseline, on_step=shown.step,
                 profile=profile, **timing, **options, evit=evit,
             )
         else:
             report = sweep_keep_rates(
                 artifact, parse_keep_rates(keep_rates), batches, backend, device,
-                eval_dir=eval_dir, on_step=status.update, **timing, **options, evit=evit,
+                eval_dir=eval_dir, on_step=shown.step, **timing, **options, evit=evit,
             )
     if not out.as_json:
         console.print(bench_table(report) if keep_rates is None else sweep_table(report))
@@ -161,34 +162,18 @@ def evaluate_accuracy(
 
     With an objects.json (from `evit-deploy dataset shapes`) also how much of each object the
     drop blocks keep."""
-    import time
-
-    from evit_deploy.data.shapes import OBJECTS_FILE
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from evit_deploy.analysis.evaluate import evaluate
     from evit_deploy.data.samples import find_samples, spread_subset
+    from evit_deploy.data.shapes import OBJECTS_FILE
     from evit_deploy.runtime import Predictor
 
-    with err_console.status(f"loading {artifact.name}"):
+    with stages(f"loading {artifact.name}") as shown:
         predictor = Predictor(artifact, backend=backend, device=device, evit=evit, **precision_options(precision))
-    meta = predictor.metadata
-    samples = spread_subset(find_samples(data_dir, meta.num_classes, labels, meta.classes), limit)
-    warn_if_random(predictor.metadata, artifact, "its accuracy is meaningless")
-    columns = (
-        TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("eval", total=len(samples), rate="-")
-        start = time.perf_counter()
-
-        def advance(done: int) -> None:
-            rate = done / (time.perf_counter() - start)
-            progress.update(task, completed=done, rate=f"{rate:.1f}")
-
-        result = evaluate(predictor, samples, batch, on_batch=advance)
+        meta = predictor.metadata
+        samples = spread_subset(find_samples(data_dir, meta.num_classes, labels, meta.classes), limit)
+        warn_if_random(predictor.metadata, artifact, "its accuracy is meaningless")
+        shown.step(f"evaluating {len(samples)} images in {data_dir}", len(samples))
+        result = evaluate(predictor, samples, batch, on_batch=shown.advance)
     if not out.as_json:
         info = predictor.backend.describe()
         table = Table(
@@ -222,8 +207,10 @@ def _object_recall(artifact: Path, data_dir: Path, limit: Optional[int], evit: E
     from evit_deploy.analysis.visualize import load_token_source
 
     try:
-        with err_console.status("object recall: which patches each drop block keeps"):
-            return object_recall(load_token_source(artifact, evit), data_dir, limit)
+        with stages(f"loading {artifact.name}'s kept tokens") as shown:
+            source = load_token_source(artifact, evit)
+            shown.step("object recall: which patches each drop block keeps")
+            return object_recall(source, data_dir, limit)
     except EvitDeployError as exc:
         err_console.print(f"[yellow]note:[/] no object recall: {escape(str(exc))}", highlight=False, soft_wrap=True)
         return None
@@ -244,10 +231,10 @@ def visualize(
     from evit_deploy.analysis.visualize import figure_paths, load_token_source, write_figures
 
     paths = figure_paths(images, output, force)
-    with err_console.status(f"loading {artifact.name}"):
+    with stages(f"loading {artifact.name}") as shown:
         source = load_token_source(artifact, evit)
-    console.print(settings_text(source.metadata), highlight=False)
-    with err_console.status("drawing"):
+        console.print(settings_text(source.metadata), highlight=False)
+        shown.step("drawing")
         for path in write_figures(source, images, paths, force):
             console.print(f"wrote {path}")
 

@@ -14,6 +14,7 @@ from evit_deploy.cli.options import (
     BACKEND, DEVICE, FORCE, PRECISION, Output, evit_options, output_options, precision_options,
     settings_text,
 )
+from evit_deploy.cli.progress import stages
 from evit_deploy.cli.render import predictions_table, print_load_test
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.model.config import EvitOverrides
@@ -131,7 +132,7 @@ def loadtest(
         raise UsageError("the EViT settings (--model, --keep-rate, ...) go with --artifact")
     if artifact is not None:
         check_overrides(artifact, "auto", evit)
-    with err_console.status(f"{requests} requests from {concurrency} clients to {url}"):
+    with stages(f"{requests} requests from {concurrency} clients to {url}"):
         result = load_test(
             url, model=model_name, concurrency=concurrency, requests=requests, batch=batch,
             artifact=artifact, evit=evit, max_seconds=max_seconds,

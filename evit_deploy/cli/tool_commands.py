@@ -8,8 +8,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from evit_deploy.cli.app import app, command, console, err_console
+from evit_deploy.cli.app import app, command, console
 from evit_deploy.cli.options import FORCE, Output, output_options
+from evit_deploy.cli.progress import stages
 
 
 @command()
@@ -81,17 +82,10 @@ def dataset_shapes(
 
     One coloured object on grey clutter, 8 classes (colour family x shape), with each image's
     object patches in objects.json."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from evit_deploy.data.shapes import CLASSES, write_dataset
 
-    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("shapes", total=count)
-        write_dataset(
-            output, count, seed, img_size, force,
-            on_image=lambda done: progress.update(task, completed=done),
-        )
+    with stages(f"generating {count} images in {output}", count) as shown:
+        write_dataset(output, count, seed, img_size, force, on_image=shown.advance)
     console.print(
         f"[bold green]wrote[/] {escape(str(output))}: {count} images, {len(CLASSES)} classes "
         f"({', '.join(CLASSES)}), labels.txt, objects.json",
