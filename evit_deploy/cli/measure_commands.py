@@ -13,7 +13,7 @@ from rich.table import Table
 from evit_deploy.cli.app import command, console, err_console
 from evit_deploy.cli.options import (
     BACKEND, DEVICE, FORCE, PRECISION, TOPK_SCORES, Output, evit_options, keep_text,
-    output_options, precision_options, settings_text,
+    output_options, precision_options, precision_text, settings_text,
 )
 from evit_deploy.cli.progress import stages
 from evit_deploy.cli.render import (
@@ -251,13 +251,15 @@ def info(
 
     GMACs are counted with the tokens entering each block. Of an exported model only the
     metadata is read: no torch, no runtime."""
-    from evit_deploy.analysis.planning import model_cost, resolve_config
+    from evit_deploy.analysis.planning import model_cost, resolve_target
 
-    config = resolve_config(target, evit)
+    config, metadata = resolve_target(target, evit)
     cost = model_cost(config)
     if not out.as_json:
         paper = f"; paper {cost.published_gmacs:.1f}" if cost.published_gmacs is not None else ""
         console.print(f"[bold]{config.model}[/]{settings_text(config).removeprefix(config.model)}")
+        if metadata is not None:
+            console.print(f"precision       {precision_text(metadata)}", highlight=False)
         console.print(f"params          {cost.params / 1e6:.2f} M")
         console.print(f"GMACs           [bold]{cost.gmacs:.1f}[/] ({cost.gmacs:.3f}{paper})")
         console.print(f"image tokens    {' -> '.join(map(str, cost.tokens_after_drops))}")
@@ -270,7 +272,7 @@ def info(
                 str(plan.tokens_out), f"{macs.attention / 1e6:.1f}", f"{macs.mlp / 1e6:.1f}",
             )
         console.print(table)
-    out.emit(cost.to_dict())
+    out.emit({**cost.to_dict(), "precision": metadata.precision if metadata is not None else None})
 
 
 @command()
