@@ -1,8 +1,10 @@
 """Latency summaries, the same for `bench` and `loadtest`: mean and the percentiles trtexec and
-perf_analyzer report (linear interpolation between ranks, numpy's default)."""
+perf_analyzer report (linear interpolation between ranks, numpy's default); and the warning for
+timings taken on a busy machine, the same for `bench` and the scripts in benchmarks/."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,3 +21,20 @@ def latency_summary(ms: Sequence[float] | np.ndarray) -> dict[str, float]:
         "mean": float(values.mean()),
         **{f"p{q}": float(np.percentile(values, q)) for q in PERCENTILES},
     }
+
+
+def load_warning() -> str | None:
+    """Where the 1-minute load average is above the cores, what that does to timings; else None.
+    Take it before the timed run's own work raises the load. Under load the timings come out
+    slow and unevenly so (PyTorch more than ONNX Runtime), with nothing in them to show it."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average here (Windows)
+        return None
+    cores = os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (
+        f"the machine is busy (load average {load:.1f} on {cores} cores): other work shares the "
+        "cores, so these timings come out slow and noisy"
+    )

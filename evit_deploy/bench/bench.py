@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from evit_deploy.model.config import EvitOverrides
 from evit_deploy.model.flops import count_macs, count_params
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.base import Backend
-from evit_deploy.stats import latency_summary
+from evit_deploy.stats import latency_summary, load_warning
 from evit_deploy.precisions import FP32, INT8
 
 DEFAULT_MIN_SECONDS = 3.0
@@ -272,9 +273,11 @@ def time_variants(
     threads: int | None = None,
     seed: int = 0,
     on_step: Callable[[str], None] = lambda step: None,
+    busy: str | None = None,
 ) -> None:
     """Model-only runs of every variant at each batch size (interleaved), and with an image
-    folder the end-to-end runs at the same batch sizes, added to `report`."""
+    folder the end-to-end runs at the same batch sizes, added to `report`. `busy`: the load
+    warning taken when the run began, given once the timings are taken (never before an error)."""
     images = find_images(end_to_end_dir) if end_to_end_dir is not None else []
     rng = np.random.default_rng(seed)
     size = variants[0].metadata.img_size
@@ -289,6 +292,8 @@ def time_variants(
             report.end_to_end.extend(
                 time_end_to_end(variants, images, batch, threads, iterations, min_seconds)
             )
+    if busy:
+        warnings.warn(busy)
 
 
 def bench_artifact(
@@ -310,6 +315,7 @@ def bench_artifact(
     REFERENCE, all interleaved. With `end_to_end_dir`, also the whole path from its image files
     to top-k classes; with `profile`, per-operator times of the EViT and the plain run."""
     path = Path(path)
+    busy = load_warning()
     with contextlib.ExitStack() as loaded:
         primary = loaded.enter_context(load_backend(path, backend, device, **options))
         if profile and not primary.profiles:
@@ -328,7 +334,7 @@ def bench_artifact(
         report = BenchReport(runs=[], variants=[describe_variant(f, v) for f, v in zip(files, variants)])
         time_variants(
             report, variants, batches, warmup, iterations, min_seconds, end_to_end_dir,
-            options.get("threads"), seed, on_step,
+            options.get("threads"), seed, on_step, busy,
         )
         if profile:
             for size in batches:
