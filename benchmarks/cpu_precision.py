@@ -10,7 +10,8 @@ the speed-up over the reference and over plain at the same backend and precision
 Speed is measured on deit_small (the paper's model; random weights run at the same speed). With
 --checkpoint and --validate-dir the fidelity columns come from the precision gates measured on that
 trained model (benchmarks/precision_gates.py) and, with --trained-speed, its own speed-ups are
-timed too. Writes benchmarks/results_cpu_precision.json and prints a Markdown table.
+timed too. Writes build/results_cpu_precision.json (records.py: --output names the tracked
+benchmarks/results_cpu_precision.json, with --force) and prints a Markdown table.
 
     PYTHONPATH=. .venv/bin/python benchmarks/cpu_precision.py [--batches 1,8] [--min-seconds 20]
         [--checkpoint evit_deploy/assets/shapes/shapes_evit_tiny.safetensors
@@ -35,6 +36,8 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # precision_gates beside this file
+
+from records import check_output, output_options, warn_if_busy, write_record  # noqa: E402
 
 from evit_deploy.export import export_onnx  # noqa: E402
 from evit_deploy.metadata import stamp_metadata  # noqa: E402
@@ -88,6 +91,7 @@ def time_variants(variants: dict, batches: list[int], img_size: int, min_seconds
     rng = np.random.default_rng(0)
     for batch in batches:
         inputs = rng.standard_normal((batch, 3, img_size, img_size), dtype=np.float32)
+        print(f"timing batch {batch}: {len(variants)} variants interleaved, >= {min_seconds:g} s each ...", flush=True)
         start = time.perf_counter()
         seconds = interleaved_latencies(list(variants.values()), inputs, warmup=2, min_seconds=min_seconds)
         p50 = {key: float(np.median(s)) for key, s in zip(variants, seconds)}
@@ -108,6 +112,7 @@ def export_pair(model_name: str, folder: Path, checkpoint: Path | None = None) -
     files = {}
     for tag, keep in (("evit", KEEP_RATE), ("plain", 1.0)):
         path = folder / f"{model_name}_{tag}.onnx"
+        print(f"exporting {model_name} keep {keep:g} ...", flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export_onnx(build_model(EvitConfig(model_name, keep), checkpoint), path, force=True)
@@ -185,8 +190,10 @@ def main() -> None:
     parser.add_argument("--validate-dir", type=Path, help="its held-out images (class folders)")
     parser.add_argument("--calibration", type=Path, help="calibration images for static / nncf")
     parser.add_argument("--trained-speed", action="store_true", help="also time the trained model")
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("results_cpu_precision.json"))
+    output_options(parser, "results_cpu_precision.json")
     args = parser.parse_args()
+    check_output(args)
+    warn_if_busy()
     warnings.simplefilter("ignore")
     cpu = probe_cpu()
     flops_ratio = count_macs(EvitConfig(args.model, 1.0)) / count_macs(EvitConfig(args.model, KEEP_RATE))
@@ -202,7 +209,7 @@ def main() -> None:
             result["fidelity"] = fidelity_rows(args, Path(tmp))
             if args.trained_speed:
                 result["trained_rows"] = speed_table(args, "deit_tiny_patch16_224", Path(tmp), args.checkpoint, cpu.bf16)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_record(args, result)
     print(markdown(result))
     if "trained_rows" in result:
         print()

@@ -4,9 +4,11 @@ For deit_small keep 0.7 at batch 1, 8 and 64, four variants are timed interleave
 one run each per round) with the same thread count: ONNX Runtime EViT, ONNX Runtime plain,
 PyTorch eager EViT, PyTorch eager plain. Reported: median latencies and the ratios
 EViT/plain throughput (target >= 0.9 x the FLOPs ratio at batch 8 and 64) and ONNX Runtime /
-PyTorch throughput (target >= 1). Writes benchmarks/results_cpu.json and prints a Markdown table.
+PyTorch throughput (target >= 1). Writes build/results_cpu.json (records.py) and prints a
+Markdown table.
 
     .venv/bin/python benchmarks/cpu_speedup.py [--batches 1,8,64] [--min-seconds 20] [--threads N]
+        [--output benchmarks/results_cpu.json --force]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from records import check_output, output_options, warn_if_busy, write_record
 
 from evit_deploy.export import export_onnx
 from evit_deploy.model import EvitConfig, EvitOverrides, build_model
@@ -40,8 +43,10 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--min-seconds", type=float, default=20.0, help="per variant and batch")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("results_cpu.json"))
+    output_options(parser, "results_cpu.json")
     args = parser.parse_args()
+    check_output(args)
+    warn_if_busy()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
 
@@ -52,6 +57,7 @@ def main() -> None:
         variants = {}
         for tag, config in (("evit", evit_cfg), ("plain", plain_cfg)):
             path = Path(tmp) / f"{tag}.onnx"
+            print(f"exporting {MODEL} keep {config.keep_rate:g} ...", flush=True)
             export_onnx(build_model(config), path)
             variants[f"onnxruntime {tag}"] = OnnxRuntimeBackend(path, "cpu", threads=args.threads)
         variants["pytorch evit"] = TorchBackend(None, "cpu", EvitOverrides(MODEL, KEEP_RATE))
@@ -61,6 +67,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         for batch in parse_batches(args.batches):
             inputs = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
+            print(f"timing batch {batch}: {len(variants)} variants interleaved, >= {args.min_seconds:g} s each ...", flush=True)
             start = time.perf_counter()
             seconds = interleaved_latencies(
                 list(variants.values()), inputs, warmup=2, min_seconds=args.min_seconds
@@ -95,7 +102,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
     }
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_record(args, result)
     print(markdown(result))
 
 

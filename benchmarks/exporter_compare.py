@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from records import check_output, output_options, warn_if_busy, write_record
 
 from evit_deploy.export.onnx import TRACE_BATCH, export_graph, simplify, topk_constant_ks
 from evit_deploy.metadata import stamp_metadata
@@ -55,8 +56,10 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--min-seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("results_exporters.json"))
+    output_options(parser, "results_exporters.json")
     args = parser.parse_args()
+    check_output(args)
+    warn_if_busy()
     warnings.simplefilter("ignore")
     model = build_model(EvitConfig(args.model, args.keep_rate))
     exporters = {
@@ -67,6 +70,7 @@ def main() -> None:
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / "evit_exporter_compare"
     folder.mkdir(exist_ok=True)
     for name, make in exporters.items():
+        print(f"exporting with {name} ...", flush=True)
         start = time.perf_counter()
         raw = make()
         exported = time.perf_counter() - start
@@ -93,6 +97,7 @@ def main() -> None:
     size = model.config.img_size
     for batch in parse_batches(args.batches):
         inputs = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+        print(f"timing batch {batch}: both graphs interleaved, >= {args.min_seconds:g} s each ...", flush=True)
         latencies = interleaved_latencies(
             [backends[n] for n in names], inputs, warmup=3, min_seconds=args.min_seconds
         )
@@ -103,7 +108,7 @@ def main() -> None:
         key = f"p50_ms_batch{batch}"
         print(f"batch {batch}: {first} is {results[second][key] / results[first][key]:.3f}x the speed of {second}")
     print(json.dumps(results, indent=2))
-    args.output.write_text(json.dumps({"model": args.model, "keep_rate": args.keep_rate, "results": results}, indent=2))
+    write_record(args, {"model": args.model, "keep_rate": args.keep_rate, "results": results})
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ model in the same rounds (the graph before the fusion-friendly export, say). Wit
 the runtime's per-operator profile of each graph at each batch size is written beside.
 
     .venv/bin/python benchmarks/fast_kernels.py [--batches 1,8,64] [--rounds 9]
-        [--compare before=build/old_evit.onnx] [--profile] [--output build/fast_kernels.json]
+        [--compare before=build/old_evit.onnx] [--profile] [--output build/results_fast_kernels.json]
 
 Prints progress, warns when the machine is busy (load above its cores), names the CPU and its
-features in every table. Writes under build/ unless --output says otherwise.
+features in every table. Writes under build/ unless --output says otherwise (records.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from records import check_output, output_options, warn_if_busy, write_record
 
 from evit_deploy.bench.profile import profile_variants
 from evit_deploy.export import export_onnx
@@ -45,8 +46,9 @@ def main() -> None:
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
                         help="another EViT ONNX of the same model, timed in the same rounds")
     parser.add_argument("--profile", action="store_true", help="also the per-operator profiles")
-    parser.add_argument("--output", type=Path, default=Path("build/fast_kernels.json"))
+    output_options(parser, "results_fast_kernels.json")
     args = parser.parse_args()
+    check_output(args)
     warnings.simplefilter("ignore")
     cpu = probe_cpu()
     print(f"CPU: {cpu.name}; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu.flags.items()), flush=True)
@@ -91,10 +93,8 @@ def main() -> None:
         "rounds": args.rounds, "cpu": cpu.to_dict(), "date": time.strftime("%Y-%m-%d %H:%M"),
         "rows": rows, "profiles": profiles,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_record(args, result)
     print(markdown(result))
-    print(f"wrote {args.output}")
 
 
 def interleaved_medians(backends, batch: int, rounds: int) -> list[float]:
@@ -111,12 +111,6 @@ def interleaved_medians(backends, batch: int, rounds: int) -> list[float]:
             backend.run_prepared(x)
             record.append((time.perf_counter() - start) * 1000)
     return [float(np.median(t)) for t in times]
-
-
-def warn_if_busy() -> None:
-    load = os.getloadavg()[0]
-    if load > (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f} is above the {os.cpu_count()} cores: timings will be noisy", flush=True)
 
 
 def markdown(result: dict) -> str:

@@ -5,7 +5,7 @@ TopK score path in FP32 (`topk_scores`), and that plus every LayerNorm (`topk_sc
 Each runs on ONNX Runtime's CPU provider against the FP32 PyTorch model on random inputs, the
 photograph and a held-out folder: the export validation with the FP16 gates (top-1 agreement
 >= 99.5 %, the first drop block's kept tokens identical for >= 99 % of held-out images). Prints a
-Markdown table and writes benchmarks/results_fp16_islands.json.
+Markdown table and writes build/results_fp16_islands.json (records.py).
 
     .venv/bin/python benchmarks/fp16_islands.py --checkpoint evit_deploy/assets/shapes/shapes_evit_tiny.safetensors \
         --validate-dir build/heldout
@@ -14,9 +14,10 @@ Markdown table and writes benchmarks/results_fp16_islands.json.
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from pathlib import Path
+
+from records import check_output, output_options, write_record
 
 from evit_deploy.export.onnx import DEFAULT_OPSET, export_graph, simplify
 from evit_deploy.export.precision import convert_to_fp16
@@ -37,8 +38,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--validate-dir", type=Path, required=True)
     parser.add_argument("--keep-rate", type=float, default=0.7)
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("results_fp16_islands.json"))
+    output_options(parser, "results_fp16_islands.json")
     args = parser.parse_args()
+    check_output(args)
     warnings.simplefilter("ignore")
     name = infer_model_name(read_state_dict(args.checkpoint), args.checkpoint)
     model = build_model(EvitConfig(name, args.keep_rate), args.checkpoint)
@@ -73,7 +75,7 @@ def main() -> None:
                 f"| {variant} | {row['name']} | {row['batch']} | {row['max_abs_diff']:.3g} | "
                 f"{row['top1_agreement']:.2%} | {kept} | {overlap} | {accuracy} | {verdict} |"
             )
-    args.output.write_text(json.dumps({"checkpoint": str(args.checkpoint), "keep_rate": args.keep_rate, "results": results}, indent=2))
+    write_record(args, {"checkpoint": str(args.checkpoint), "keep_rate": args.keep_rate, "results": results})
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import torch
+from records import warn_if_busy
 
 from evit_deploy.model import EvitOverrides
 from evit_deploy.model.vit import kept_patch_ids
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=2.0, help="Timed seconds per variant.")
     parser.add_argument("--json", help="Write the results here.")
     args = parser.parse_args()
+    warn_if_busy()
     started = time.perf_counter()
     images = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224), dtype=np.float32)
     reference = {keep: load(args, keep, fp16=False, compile=False) for keep in (args.keep_rate, 1.0)}
@@ -58,6 +60,7 @@ def main() -> None:
     del reference
     rows = []
     for mode in args.modes.split(","):
+        print(f"timing {mode} fp16: EViT and plain interleaved, >= {args.min_seconds:g} s each ...", flush=True)
         evit = load(args, args.keep_rate, fp16=True, compile=mode == "compile")
         plain = load(args, 1.0, fp16=True, compile=mode == "compile")
         seconds = interleaved_latencies([evit, plain], images, min_seconds=args.min_seconds)

@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+from records import check_output, output_options, write_record
 
 from evit_deploy.export import export_onnx
 from evit_deploy.export.quantize import METHODS, quantize_onnx
@@ -146,8 +147,9 @@ def main() -> None:
     parser.add_argument("--validate-dir", type=Path, required=True, help="held-out images, class folders")
     parser.add_argument("--calibration", type=Path, help="calibration images (static, nncf)")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("results_precision_gates.json"))
+    output_options(parser, "results_precision_gates.json")
     args = parser.parse_args()
+    check_output(args)
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = args.onnx or export_fp32(args.checkpoint, Path(tmp))
@@ -163,7 +165,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
     }
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_record(args, result)
     print(markdown(rows))
 
 

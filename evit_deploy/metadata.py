@@ -1,14 +1,17 @@
 """What a runtime needs to know about an artifact, carried inside it (ONNX metadata_props, and the
 TensorRT engine header). Runtimes read settings from here instead of asking the user again.
 
-Reading it needs the onnx package only, never torch or onnxruntime, so `evit-deploy info` on an
-exported model answers at once."""
+An ONNX file's metadata is read by a scan of its top-level protobuf fields, without the onnx
+package or parsing the graph, so `evit-deploy info` on an exported model answers at once."""
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import BinaryIO
 
 from evit_deploy.version import __version__
 from evit_deploy.errors import EvitDeployError
@@ -173,6 +176,62 @@ def load_onnx(path: str | Path):
     unparsable file is one EvitDeployError."""
     import onnx
 
+    path = _onnx_file(path)
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise _unreadable(path) from exc
+
+
+def read_onnx_metadata(path: str | Path) -> ArtifactMetadata:
+    """The evit-deploy metadata of an exported file, its graph skipped (no onnx import either):
+    ModelProto.metadata_props is field 14, each entry a key (1) and a value (2)."""
+    path = _onnx_file(path)
+    props = {}
+    try:
+        with open(path, "rb") as stream:
+            end = stream.seek(0, 2)
+            stream.seek(0)
+            for _, entry in _length_fields(stream, end, {14}):
+                pair = dict(_length_fields(io.BytesIO(entry), len(entry), {1, 2}))
+                props[pair.get(1, b"").decode()] = pair.get(2, b"").decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _unreadable(path) from exc
+    return ArtifactMetadata.from_props(props, str(path))
+
+
+def _length_fields(stream: BinaryIO, end: int, wanted: set[int]) -> Iterator[tuple[int, bytes]]:
+    """(field number, bytes) of the length-delimited fields in `wanted` of a protobuf message that
+    ends at `end`, every other field skipped; ValueError where the bytes are no such message."""
+    while stream.tell() < end:
+        number, wire_type = divmod(_varint(stream), 8)
+        if wire_type == 2:
+            length = _varint(stream)
+            if stream.tell() + length > end:
+                raise ValueError(f"field {number} runs past the end")
+            if number in wanted:
+                yield number, stream.read(length)
+            else:
+                stream.seek(length, 1)
+        elif wire_type == 0:
+            _varint(stream)
+        elif wire_type in (1, 5):  # fixed 64 and 32 bits
+            stream.seek(8 if wire_type == 1 else 4, 1)
+        else:
+            raise ValueError(f"wire type {wire_type}")
+
+
+def _varint(stream: BinaryIO) -> int:
+    value = shift = 0
+    while byte := stream.read(1):
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+    raise ValueError("cut short")
+
+
+def _onnx_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise EvitDeployError(f"ONNX file not found: {path}")
@@ -180,15 +239,11 @@ def load_onnx(path: str | Path):
         raise EvitDeployError(f"{path} is a directory; give an ONNX file")
     if path.stat().st_size == 0:
         raise EvitDeployError(f"ONNX file {path} is empty (0 bytes); export it again")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise EvitDeployError(f"cannot read ONNX file {path} (truncated or corrupted?)") from exc
+    return path
 
 
-def read_onnx_metadata(path: str | Path) -> ArtifactMetadata:
-    """The evit-deploy metadata of an exported file."""
-    return onnx_metadata(load_onnx(path), path)
+def _unreadable(path: Path) -> EvitDeployError:
+    return EvitDeployError(f"cannot read ONNX file {path} (truncated or corrupted?)")
 
 
 def stamp_metadata(model, metadata: ArtifactMetadata) -> None:

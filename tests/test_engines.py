@@ -1055,11 +1055,11 @@ def test_cli_build_engine_reports_the_engine(traced_onnx, tmp_path, fake_build_e
         assert fragment in result.output, result.output
     result = runner.invoke(app, ["build-engine", str(traced_onnx), "-o", str(output), "--force", "--fp32-layernorm", "--fp16-topk-scores", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)  # the stages of the build are on stderr
     assert data["header"]["fp32_islands"] == ["layernorm"] and data["converted_to_fp16"] is True
     result = runner.invoke(app, ["build-engine", str(traced_onnx), "-o", str(output), "--force", "--json", "--fp32", "--max-batch", "64"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["header"]["precision"] == "fp32" and data["path"] == str(output)
     assert read_engine_header(output).precision == "fp32"
 

@@ -77,6 +77,9 @@ CASES = [
          "error: unknown model 'deit_tinny'. Did you mean 'deit_tiny_patch16_224'? Known models: …"),
     Case("batch-zero", "batch size 0", ("bench", "tiny.onnx", "--batch", "0"), 2,
          "error: --batch takes comma-separated positive integers, got '0'"),
+    Case("dataset-img-size", "generated images of a size that is no multiple of the patch",
+         ("dataset", "shapes", "-o", "shapes", "--count", "8", "--img-size", "100"), 2,
+         "error: --img-size must be a positive multiple of 16, got 100"),
     Case("profile-min-above-opt", "engine batch profile with min > opt", ("build-engine", "tiny.onnx", "--min-batch", "8", "--opt-batch", "4"), 2,
          "error: batch profile needs min <= opt <= max, got min 8, opt 4, max 128"),
     Case("backend-unknown", "unknown backend", ("predict", "tiny.onnx", "photo.jpg", "--backend", "onnxrt"), 2,
@@ -412,7 +415,7 @@ def test_cli_case(case: Case, outcomes):
     assert "Traceback" not in output, output
     assert "internal error" not in output, output
     assert outcome.returncode == case.code, output
-    lines = [line for line in outcome.stderr.splitlines() if line.strip()]
+    lines = outcome.stderr.splitlines()  # a blank line is a line too
     if case.shows:
         assert len(lines) == 1, f"expected one line on stderr, got:\n{outcome.stderr}"
         assert pattern(case.shows).fullmatch(lines[0]), f"{lines[0]!r}\ndoes not match\n{case.shows!r}"
@@ -516,6 +519,9 @@ def render_errors_markdown() -> str:
         "  file or input, no traceback unless `--debug`; so does the argument parser's (an unknown",
         "  option, a missing or extra argument, a value of the wrong type), with the command's `--help`",
         "  to see.",
+        "- Where stderr is no terminal (a log, CI), long steps write a line per stage there once the",
+        "  work is under way (the inputs read): a failure in the middle of that work, such as a",
+        "  missed precision gate, comes after those lines; a mistake in the inputs, before them.",
         "- A closed pipe (`evit-deploy predict ... --json | head -1`) ends the command quietly, with",
         "  status 141 as standard tools have.",
         "- Outputs are written to a temp file and renamed, so no command leaves a partial or changed",

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import onnx
 import pytest
@@ -17,8 +18,8 @@ from typer.testing import CliRunner
 from evit_deploy.cli import app
 from evit_deploy.engines.header import EngineHeader, encode_header
 from evit_deploy.engines.settings import BuildSettings
-from evit_deploy.metadata import stamp_metadata
-from evit_deploy.metadata import ArtifactMetadata
+from evit_deploy.errors import EvitDeployError
+from evit_deploy.metadata import ArtifactMetadata, onnx_metadata, read_onnx_metadata, stamp_metadata
 from evit_deploy.model import EvitConfig, build_model
 
 runner = CliRunner()
@@ -120,8 +121,9 @@ def test_reads_checkpoints_and_onnx_metadata(tmp_path):
     assert refused.exit_code == 2 and "keep_rate 0.6" in refused.output
 
 
-def stub_export(path, config: EvitConfig):
-    """A one-node graph stamped like an export: info reads only the metadata."""
+def stub_export(path, config: EvitConfig, **metadata):
+    """A one-node graph stamped like an export (`metadata`: other fields, e.g. an INT8 file's):
+    info reads only the metadata."""
     graph = helper.make_graph(
         [helper.make_node("Identity", ["images"], ["logits"])],
         "stub",
@@ -129,34 +131,64 @@ def stub_export(path, config: EvitConfig):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1])],
     )
     stub = helper.make_model(graph)
-    stamp_metadata(stub, ArtifactMetadata.from_config(config))
+    stamp_metadata(stub, replace(ArtifactMetadata.from_config(config), **metadata))
     onnx.save(stub, str(path))
     return path
 
 
 def stub_engine(path, config: EvitConfig):
-    """An evit-deploy engine file: the header info reads, then bytes no TensorRT would load."""
+    """An evit-deploy engine file: the header info reads, then bytes no TensorRT would load. Built
+    in FP16 from an FP32 ONNX."""
     header = EngineHeader(
         ArtifactMetadata.from_config(config), "10.9.0", "NVIDIA H100", "9.0", "fp16",
-        BuildSettings(), [3, config.img_size, config.img_size],
+        BuildSettings(), [3, config.img_size, config.img_size], fp32_islands=["topk_scores"],
     )
     path.write_bytes(encode_header(header) + b"not a plan")
     return path
 
 
+def test_info_says_what_an_exported_file_computes_in(tmp_path):
+    config = EvitConfig("deit_tiny_patch16_224", 0.7)
+    int8 = stub_export(tmp_path / "tiny.int8.onnx", config, precision="int8", quantization={"method": "static"})
+    fp16 = stub_export(tmp_path / "tiny.fp16.onnx", config, precision="fp16", fp32_islands=["topk_scores"])
+    engine = stub_engine(tmp_path / "tiny.plan", config)
+    for path, line in (
+        (int8, "precision       int8 (static quantization)"),
+        (fp16, "precision       fp16 (FP32 islands: topk_scores)"),
+        (engine, "precision       fp16 (FP32 islands: topk_scores)"),
+        (stub_export(tmp_path / "tiny.onnx", config), "precision       fp32"),
+    ):
+        result = runner.invoke(app, ["info", str(path)])
+        assert result.exit_code == 0 and line in result.output.splitlines(), result.output
+    assert info_json(str(int8))["precision"] == "int8" and info_json("deit_tiny_patch16_224")["precision"] is None
+
+
+def test_onnx_metadata_is_read_without_the_graph(tmp_path):
+    """A scan of the file's top-level fields gives what onnx.load would, and refuses a cut file."""
+    path = stub_export(tmp_path / "tiny.onnx", EvitConfig("deit_tiny_patch16_224", 0.5), precision="int8")
+    assert read_onnx_metadata(path) == onnx_metadata(onnx.load(str(path)), path)
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(EvitDeployError, match=r"cannot read ONNX file .*cut.onnx \(truncated or corrupted\?\)"):
+        read_onnx_metadata(cut)
+
+
 def test_info_reads_onnx_and_engines_without_torch_or_onnxruntime(tmp_path):
     """The metadata is all info needs: in a fresh interpreter, neither torch nor onnxruntime
-    gets imported (they take seconds)."""
+    gets imported (they take seconds), and for an ONNX not even onnx (a tenth of a second, and a
+    parse of the whole graph)."""
     onnx_file = stub_export(tmp_path / "tiny.onnx", EvitConfig("deit_tiny_patch16_224", 0.5))
     engine = stub_engine(tmp_path / "tiny.plan", EvitConfig("deit_tiny_patch16_224", 0.6))
     code = f"""
 import json, sys
 from evit_deploy.cli import app
-for path, keep_rate in (({str(onnx_file)!r}, 0.5), ({str(engine)!r}, 0.6)):
+for path, keep_rate, heavy in (
+    ({str(onnx_file)!r}, 0.5, {{"torch", "onnxruntime", "tensorrt", "onnx"}}),
+    ({str(engine)!r}, 0.6, {{"torch", "onnxruntime", "tensorrt"}}),
+):
     app(["info", path, "--json-out", path + ".json"], standalone_mode=False)
     assert json.load(open(path + ".json"))["keep_rate"] == keep_rate
-heavy = sorted({{"torch", "onnxruntime", "tensorrt"}} & set(sys.modules))
-assert not heavy, heavy
+    assert not heavy & set(sys.modules), sorted(heavy & set(sys.modules))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -148,7 +148,7 @@ def test_cli_one_line_when_a_gate_is_missed(shapes_onnx, folders, tmp_path):
     if proc.returncode == 0:  # random weights passed the real gates: then its table was printed
         assert "pass" in proc.stdout and out.is_file()
         return
-    line = assert_one_line_error(proc, 1, "int8 (dynamic) missed the precision gates, nothing written")
+    line = assert_one_line_error(proc, 1, "int8 (dynamic) missed the precision gates, nothing written", after_stages=True)
     assert "--accept-failed-gates" in line
     assert "Validation: INT8 (dynamic) vs FP32" in proc.stdout and "FAIL" in proc.stdout
     assert not out.exists()

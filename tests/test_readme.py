@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -120,3 +121,25 @@ def test_snippet_runs_as_written(snippet: Snippet, folder, request):
         text=True, timeout=300,
     )
     assert proc.returncode == 0, f"{snippet.page} line {snippet.line}:\n{code}\n{proc.stdout}{proc.stderr}"
+
+
+SHELL_BLOCK = re.compile(r"```(?:bash|console)\n(.*?)```", re.S)
+WRITES_TO = ("-o", "--output", "--json-out", "--plot", ">")  # the option (or redirection) that names an output
+
+
+def test_no_command_in_the_docs_writes_over_a_tracked_file():
+    """Following the README and docs/ leaves the clone's own files as they were: examples write
+    under build/ or beside the user's own files, never over docs/*.png or benchmarks/*.json."""
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: which files are tracked is unknown")
+    tracked = set(listed.stdout.split())
+    written = []
+    for page in PAGES:
+        for block in SHELL_BLOCK.findall(page.read_text(encoding="utf-8")):
+            for command in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(command.removeprefix("$ "), comments=True)
+                written += [(page.name, target.rstrip("/")) for option, target in zip(words, words[1:]) if option in WRITES_TO]
+    assert written, "no output found: the parsing is broken"
+    over = [(page, target) for page, target in written if target in tracked or any(f.startswith(target + "/") for f in tracked)]
+    assert over == [], over

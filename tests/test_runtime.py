@@ -409,6 +409,21 @@ def test_bench_closes_every_backend_it_loaded(artifacts, bench_cache, monkeypatc
     assert sorted(closed) == [0.7, 1.0]
 
 
+def test_bench_warns_when_the_machine_is_busy(artifacts, bench_cache, monkeypatch):
+    """Above the cores, the load average makes timings slow and uneven: one warning, given
+    with the timings; at or below, none."""
+    monkeypatch.setenv("EVIT_DEPLOY_CACHE", str(bench_cache))
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 0.5, 0.0, 0.0))
+    with pytest.warns(UserWarning, match=rf"the machine is busy \(load average {cores + 0.5:.1f} on {cores} cores\)"):
+        bench_artifact(artifacts["onnx"], [1], iterations=1, warmup=0)
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bench_artifact(artifacts["onnx"], [1], iterations=1, warmup=0)
+    assert not [w for w in caught if "busy" in str(w.message)]
+
+
 def test_bench_cli_writes_json(artifacts, bench_cache, tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "EVIT_DEPLOY_CACHE": str(bench_cache)}

@@ -135,15 +135,23 @@ def parse_numbers(text: str, kind: type, what: str) -> tuple:
 
 
 def resolve_config(target: str, evit: EvitOverrides = EvitOverrides()) -> EvitConfig:
+    return resolve_target(target, evit)[0]
+
+
+def resolve_target(
+    target: str, evit: EvitOverrides = EvitOverrides()
+) -> tuple[EvitConfig, ArtifactMetadata | None]:
     """The configuration behind a model name, a checkpoint (architecture and head read off its
     weights) or an exported ONNX or engine (its metadata; its token counts are fixed, so settings
-    that differ are refused), with `evit`'s settings (its model, if any, is the target's).
-    Exported files are read without torch or onnxruntime."""
+    that differ are refused), with `evit`'s settings (its model, if any, is the target's); and an
+    exported file's metadata (None for the others). Exported files are read without torch or
+    onnxruntime."""
     overrides = {k: v for k, v in evit.given().items() if k != "model"}
     path = Path(target)
     suffix = path.suffix.lower()
     if suffix in (".onnx", ".plan", ".engine"):
-        config = exported_metadata(path).to_config()
+        metadata = exported_metadata(path)
+        config = metadata.to_config()
         differing = [
             f"{k} {getattr(config, k)}" for k, v in overrides.items() if getattr(config, k) != v
         ]
@@ -152,26 +160,28 @@ def resolve_config(target: str, evit: EvitOverrides = EvitOverrides()) -> EvitCo
                 f"{path.name} was exported with {', '.join(differing)} and its token counts are "
                 f"fixed; give the model name ({config.model}) to see other settings"
             )
-        return config
+        return config, metadata
     if suffix in (".pth", ".pt", ".safetensors"):
         from evit_deploy.model.checkpoint import infer_model_name, read_state_dict
 
         state = read_state_dict(path)
         head = state.get("head.weight")
         classes = head.shape[0] if head is not None and head.ndim == 2 else None
-        return evit.config(infer_model_name(state, path), classes)
+        return evit.config(infer_model_name(state, path), classes), None
     if path.exists():
         raise EvitDeployError(
             f"{target} is not an ONNX model (.onnx), an evit-deploy engine (.plan/.engine) or a "
             "checkpoint (.pth/.pt/.safetensors)"
         )
-    return EvitConfig(target, **overrides)
+    return EvitConfig(target, **overrides), None
 
 
 def exported_metadata(path: Path) -> ArtifactMetadata:
-    """The metadata of an exported ONNX, or of an engine (its header, no TensorRT needed)."""
+    """The metadata of an exported ONNX, or of an engine (its header, no TensorRT needed; with the
+    precision and FP32 islands it was built with, which may not be its ONNX's)."""
     if path.suffix.lower() == ".onnx":
         return read_onnx_metadata(path)
     from evit_deploy.engines.header import read_engine_header
 
-    return read_engine_header(path).metadata
+    header = read_engine_header(path)
+    return replace(header.metadata, precision=header.precision, fp32_islands=header.fp32_islands)

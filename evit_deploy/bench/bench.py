@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from evit_deploy.model.flops import count_macs, count_params
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.base import Backend
 from evit_deploy.runtime.deployment import resolve_artifact
-from evit_deploy.stats import latency_summary
+from evit_deploy.stats import latency_summary, load_warning
 from evit_deploy.precisions import FP32, INT8
 
 DEFAULT_MIN_SECONDS = 3.0
@@ -292,16 +293,19 @@ def time_variants(
     threads: int | None = None,
     seed: int = 0,
     on_step: Callable[[str], None] = lambda step: None,
+    busy: str | None = None,
 ) -> None:
     """Model-only runs of every variant at each batch size (interleaved), and with an image
-    folder the end-to-end runs at the same batch sizes, added to `report`."""
+    folder the end-to-end runs at the same batch sizes, added to `report`. `busy`: the load
+    warning taken when the run began, given once the timings are taken (never before an error)."""
     images = find_images(end_to_end_dir) if end_to_end_dir is not None else []
     rng = np.random.default_rng(seed)
     for batch in batches:
-        on_step(f"timing {len(variants)} model(s) at batch {batch}")
+        # a batch too big for memory fails here, before its stage is announced: one error line
         noise = {size: rng.standard_normal((batch, 3, size, size), dtype=np.float32)
                  for size in sorted({v.metadata.img_size for v in variants})}  # each at its own input size
         inputs = [noise[v.metadata.img_size] for v in variants]
+        on_step(f"timing {len(variants)} model(s) at batch {batch}")
         seconds = interleaved_latencies(variants, inputs, warmup, iterations, min_seconds)
         report.runs.extend(summarize(v, batch, s) for v, s in zip(variants, seconds))
         if images:
@@ -309,6 +313,8 @@ def time_variants(
             report.end_to_end.extend(
                 time_end_to_end(variants, images, batch, threads, iterations, min_seconds)
             )
+    if busy:
+        warnings.warn(busy)
 
 
 def bench_artifact(
@@ -333,6 +339,7 @@ def bench_artifact(
     may be a deployment folder (runtime/deployment.py). `plain`: a plain ViT artifact to time as
     the plain run (one trained without token reduction) instead of these weights at keep 1.0."""
     path, backend, options = resolve_artifact(path, backend, options)
+    busy = load_warning()
     with contextlib.ExitStack() as loaded:
         primary = loaded.enter_context(load_backend(path, backend, device, **options))
         if profile and not primary.profiles:
@@ -354,7 +361,7 @@ def bench_artifact(
         report = BenchReport(runs=[], variants=[describe_variant(f, v) for f, v in zip(files, variants)])
         time_variants(
             report, variants, batches, warmup, iterations, min_seconds, end_to_end_dir,
-            options.get("threads"), seed, on_step,
+            options.get("threads"), seed, on_step, busy,
         )
         if profile:
             for size in batches:

@@ -184,10 +184,12 @@ def optimize(
     batch: int = DEFAULT_BATCH,
     min_seconds: float = DEFAULT_MIN_SECONDS,
     force: bool = False,
-    on_step: Callable[[str], None] = lambda step: None,
+    on_step: Callable[..., None] = lambda text, total=None: None,
+    on_progress: Callable[[int], None] = lambda done: None,
 ) -> OptimizeResult:
     """Judge and time every candidate; write the fastest that passes into `output` (the
-    artifact and deployment.json, atomically). NothingPassed when none does."""
+    artifact and deployment.json, atomically). NothingPassed when none does. on_step(text)
+    names each stage, on_step(text, images) a counted one, whose images done go to on_progress."""
     model, output = Path(model), Path(output)
     if occupied(output) and not force:
         raise UsageError(f"{output} already exists; pass --force to replace it")
@@ -199,9 +201,9 @@ def optimize(
     candidates = this_machine_candidates(calibration is not None)
     with tempfile.TemporaryDirectory(prefix="evit-optimize-") as work:
         work = Path(work)
-        fp32 = fp32_onnx(model, work, validate_dir, on_step)
+        fp32 = fp32_onnx(model, work, validate_dir, on_step, on_progress)
         tried = [c for c in candidates if not c.skipped]
-        judge(tried, fp32, work, validate_dir, calibration, on_step)
+        judge(tried, fp32, work, validate_dir, calibration, on_step, on_progress)
         reference_ms = time_candidates(tried, batch, min_seconds, work, on_step)
         passing = [c for c in tried if c.passed and c.evit_ms]
         chosen = min(passing, key=lambda c: c.evit_ms, default=None)
@@ -215,7 +217,7 @@ def optimize(
     return result
 
 
-def fp32_onnx(model: Path, work: Path, validate_dir, on_step) -> Path:
+def fp32_onnx(model: Path, work: Path, validate_dir, on_step, on_progress) -> Path:
     """The FP32 ONNX every candidate comes from: `model` itself, or exported from the checkpoint
     (validated as export validates, on the held-out folder too)."""
     if model.suffix.lower() == ".onnx":
@@ -225,30 +227,30 @@ def fp32_onnx(model: Path, work: Path, validate_dir, on_step) -> Path:
         return model
     from evit_deploy.model import load_model
 
-    on_step(f"exporting {model.name} (FP32, validated on {Path(validate_dir).name}/)")
+    on_step(f"exporting {model.name} (FP32)")
     net = load_model(model)
     config = net.config
     name = f"{config.model.replace('_patch16_224', '')}_keep{config.keep_rate:g}.onnx"
-    return export_onnx(net, work / name, validate_dir=validate_dir).path
+    return export_onnx(net, work / name, validate_dir=validate_dir, on_step=on_step, on_progress=on_progress).path
 
 
-def judge(candidates, fp32: Path, work: Path, validate_dir, calibration, on_step) -> None:
+def judge(candidates, fp32: Path, work: Path, validate_dir, calibration, on_step, on_progress) -> None:
     """Each candidate's artifact, and its report against the FP32 ONNX on ONNX Runtime."""
     from evit_deploy.runtime.openvino_backend import openvino_runner
 
     source = load_onnx(fp32)
     meta = onnx_metadata(source, fp32)
     reference = cached(onnx_runner(source))
-    images = len(find_images(validate_dir))
     quantized: dict[str, Path] = {}
     for index, candidate in enumerate(candidates, 1):
         step = f"judging {index}/{len(candidates)}: {candidate.name}"
         on_step(step)
+        stage = lambda text, total=None: on_step(f"{step}: {text}", total)  # noqa: E731
         if candidate.precision == INT8 and candidate.method not in quantized:
             path = work / f"{fp32.stem}.int8.{candidate.method}.onnx"
             done = quantize_onnx(  # judged on ONNX Runtime as it quantizes
                 fp32, path, method=candidate.method, calibration_dir=calibration, validate_dir=validate_dir,
-                accept_failed_gates=True, on_step=lambda text: on_step(f"{step}: {text}"),
+                accept_failed_gates=True, on_step=stage, on_progress=on_progress,
             )
             quantized[candidate.method] = path
             if candidate.backend == "onnxruntime":
@@ -265,14 +267,9 @@ def judge(candidates, fp32: Path, work: Path, validate_dir, calibration, on_step
             runner = openvino_runner(candidate.artifact, candidate.options.get("precision", FP32))
         else:
             runner = onnx_runner(load_onnx(candidate.artifact), tuple(candidate.options.get("providers", ["CPUExecutionProvider"])))
-        seen = [0]
-
-        def progress(count: int) -> None:
-            seen[0] += count
-            on_step(f"{step}: {min(seen[0], images)}/{images} held-out images")
-
         candidate.report = validate(
-            reference, runner, meta, validate_dir=validate_dir, gates=gates_for(candidate.precision), on_chunk=progress
+            reference, runner, meta, validate_dir=validate_dir, gates=gates_for(candidate.precision),
+            on_step=stage, on_progress=on_progress,
         )
 
 

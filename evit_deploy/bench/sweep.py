@@ -25,6 +25,7 @@ from evit_deploy.model.config import EvitOverrides
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.deployment import resolve_artifact
 from evit_deploy.runtime.predictor import Predictor
+from evit_deploy.stats import load_warning
 from evit_deploy.bench.bench import (
     DEFAULT_MIN_SECONDS,
     PLAIN_KEEP_RATE,
@@ -110,6 +111,7 @@ def sweep_keep_rates(
 ) -> BenchReport:
     """Time every keep rate at each batch size (interleaved), optionally also from image files
     to top-k (`end_to_end_dir`), and evaluate each on `eval_dir`."""
+    busy = load_warning()  # before the exports raise the load themselves
     variants = sweep_variants(path, keep_rates, backend, on_step, **options)
     on_step("loading")
     loaded = [load_backend(v.artifact, v.backend, device, **v.options) for v in variants]
@@ -118,7 +120,7 @@ def sweep_keep_rates(
     )
     time_variants(
         report, loaded, batches, warmup, iterations, min_seconds, end_to_end_dir,
-        options.get("threads"), seed, on_step,
+        options.get("threads"), seed, on_step, busy,
     )
     if eval_dir is not None:
         num_classes = loaded[0].metadata.num_classes

@@ -18,11 +18,15 @@ from rich.console import Console
 from rich.markup import escape
 
 from evit_deploy import interrupt
+from evit_deploy.cli.help_layout import HelpCommand
 from evit_deploy.version import __version__
 from evit_deploy.errors import EvitDeployError
 
 app = typer.Typer(
     add_completion=False,
+    # click's layout: at 80 columns rich's panels leave the help a third of the width and cut
+    # long option names; this one gives long names their own line.
+    rich_markup_mode=None,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Export, validate, build and benchmark EViT token-pruned vision transformers.",
@@ -84,7 +88,7 @@ def command(*args, group: typer.Typer = app, **kwargs):
                 )
                 raise typer.Exit(1) from None
 
-        return group.command(*args, **kwargs)(wrapper)
+        return group.command(*args, cls=HelpCommand, **kwargs)(wrapper)
 
     return decorate
 

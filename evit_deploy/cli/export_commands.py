@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from evit_deploy.cli.app import command, console, err_console
 from evit_deploy.cli.options import Output, evit_options, output_options, settings_text
+from evit_deploy.cli.progress import stages
 from evit_deploy.cli.render import validation_table
 from evit_deploy.model.config import EvitOverrides
 
@@ -25,7 +26,7 @@ def export(
     opset: int = typer.Option(18, help="ONNX opset (18 to 23; LayerNorm is a single node)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .onnx path."),
     with_token_indices: bool = typer.Option(
-        False, help="Also output each drop block's kept-token indices."
+        False, "--with-token-indices", help="Also output each drop block's kept-token indices."
     ),
     labels: Optional[Path] = typer.Option(
         None, help="Class names, one per line in class-id order (default: labels.txt beside the checkpoint)."
@@ -37,11 +38,13 @@ def export(
     fp32_islands: str = typer.Option(
         "topk_scores", help="fp16 only: what stays FP32, comma-separated: topk_scores (the class attention TopK ranks), layernorm; or none."
     ),
-    accept_failed_gates: bool = typer.Option(False, help="fp16: write the file even if it misses a precision gate (recorded in its metadata)."),
+    accept_failed_gates: bool = typer.Option(False, "--accept-failed-gates", help="fp16: write the file even if it misses a precision gate (recorded in its metadata)."),
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """Export a checkpoint to ONNX (dynamic batch), validated against PyTorch before it is written."""
+    """Export a checkpoint to ONNX, validated against PyTorch.
+
+    The ONNX has a dynamic batch and is written only once it matches PyTorch."""
     from evit_deploy.export import export_onnx
     from evit_deploy.export.onnx import check_export_precision, check_opset
     from evit_deploy.export.validate import ValidationFailed
@@ -55,7 +58,7 @@ def export(
     check_export_precision(precision, islands, validate_dir)
     title = "Validation: ONNX Runtime vs PyTorch" + (f" FP32 ({precision}, FP32 islands: {', '.join(islands) or 'none'})" if precision != "fp32" else "")
     try:
-        with err_console.status("loading model") as status:
+        with stages("loading model") as shown:
             config, state = checkpoint_config(checkpoint, evit)
             if output is None:
                 output = check_can_write(default_onnx_name(config, precision), out.force)
@@ -70,7 +73,8 @@ def export(
                 precision=precision,
                 fp32_islands=islands,
                 accept_failed_gates=accept_failed_gates,
-                on_step=lambda step: status.update(step),
+                on_step=shown.step,
+                on_progress=shown.advance,
             )
     except ValidationFailed as failed:
         (err_console if out.as_json else console).print(validation_table(failed.report, title))
@@ -116,28 +120,30 @@ def default_onnx_name(config, precision: str = "fp32") -> str:
 @command()
 @output_options()
 def quantize(
-    model: Path = typer.Argument(..., metavar="MODEL.onnx", help="An FP32 ONNX exported with `evit-deploy export`."),
+    model: Path = typer.Argument(..., help="An FP32 ONNX exported with `evit-deploy export`."),
     calibration: Optional[Path] = typer.Option(None, help="Images to calibrate activation ranges on (static, nncf)."),
     method: str = typer.Option("dynamic", help="dynamic (ONNX Runtime, no calibration; passes the gates on the shipped model), static (ONNX Runtime QDQ) or nncf."),
     calibration_images: int = typer.Option(256, help="Calibrate on at most this many images, spread over the folder."),
     validate_dir: Optional[Path] = typer.Option(None, help="Held-out images (class folders) the INT8 model is judged on."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output path (default: MODEL.int8.onnx)."),
-    accept_failed_gates: bool = typer.Option(False, help="Write the file even if it misses a precision gate (recorded in its metadata)."),
+    accept_failed_gates: bool = typer.Option(False, "--accept-failed-gates", help="Write the file even if it misses a precision gate (recorded in its metadata)."),
     out: Output = Output(),
 ) -> None:
-    """INT8 quantization of an exported ONNX (TopK score path kept in float), validated against the
-    FP32 file on held-out images; nothing is written when a precision gate is missed."""
+    """Quantize an exported ONNX to INT8, validated against FP32.
+
+    The TopK score path stays in float. The INT8 file is judged against the FP32 one on held-out
+    images; nothing is written when a precision gate is missed."""
     from evit_deploy.export.quantize import default_int8_name, quantize_onnx
     from evit_deploy.export.validate import ValidationFailed
 
     output = output or default_int8_name(model)
     title = f"Validation: INT8 ({method}) vs FP32, ONNX Runtime"
     try:
-        with err_console.status(f"quantizing {model.name}") as status:
+        with stages(f"quantizing {model.name}") as shown:
             result = quantize_onnx(
                 model, output, method=method, calibration_dir=calibration, calibration_images=calibration_images,
                 validate_dir=validate_dir, accept_failed_gates=accept_failed_gates, force=out.force,
-                on_step=status.update,
+                on_step=shown.step, on_progress=shown.advance,
             )
     except ValidationFailed as missed:
         (err_console if out.as_json else console).print(validation_table(missed.report, title))
@@ -171,7 +177,7 @@ def quantize(
 @command(name="build-engine")
 @output_options()
 def build_engine_command(
-    model: Path = typer.Argument(..., metavar="MODEL.onnx", help="An ONNX exported with `evit-deploy export` (FP32, or FP16 from `export --precision fp16`)."),
+    model: Path = typer.Argument(..., help="An ONNX exported with `evit-deploy export` (FP32, or FP16 from `export --precision fp16`)."),
     fp16: bool = typer.Option(True, "--fp16/--fp32", help="FP16 where the GPU has fast FP16: an FP32 ONNX is converted to FP16 with FP32 islands first, an FP16 ONNX builds as it is; or FP32 throughout (TF32 off). Always a strongly typed network."),
     min_batch: int = typer.Option(1, help="Smallest batch the engine accepts."),
     opt_batch: int = typer.Option(64, help="Batch size the kernels are tuned for."),
@@ -180,13 +186,15 @@ def build_engine_command(
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file, reused and updated (default: one per TensorRT version and GPU in the evit-deploy cache)."),
     fp32_layers: Optional[list[str]] = typer.Option(None, "--fp32-layers", metavar="PATTERN", help="Converting an FP32 ONNX: also keep ONNX nodes in FP32 whose name contains this text (or matches this glob); repeatable."),
     fp32_topk_scores: bool = typer.Option(True, "--fp32-topk-scores/--fp16-topk-scores", help="Converting an FP32 ONNX: keep the class-attention scores that TopK ranks in FP32."),
-    fp32_layernorm: bool = typer.Option(False, "--fp32-layernorm/--fp16-layernorm", help="Converting an FP32 ONNX: keep every LayerNorm in FP32."),
+    fp32_layernorm: bool = typer.Option(False, "--fp32-layernorm", help="Converting an FP32 ONNX: keep every LayerNorm in FP32."),
     detailed_profile: bool = typer.Option(False, "--detailed-profile", help="Keep per-layer details (types, precisions) in the engine for TensorRT's engine inspector."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Engine path (default: MODEL.fp16.plan or MODEL.fp32.plan)."),
     device: Optional[str] = typer.Option(None, help="cuda or cuda:N (default: the current GPU)."),
     out: Output = Output(),
 ) -> None:
-    """Build a TensorRT engine (strongly typed, dynamic batch, FP16 by default) carrying the model's metadata."""
+    """Build a TensorRT engine carrying the model's metadata.
+
+    Strongly typed, dynamic batch, FP16 by default."""
     from evit_deploy.engines.settings import BatchProfile, BuildSettings
     from evit_deploy.engines.tensorrt import build_engine
 
@@ -200,8 +208,8 @@ def build_engine_command(
         timing_cache=str(timing_cache) if timing_cache else "",
         detailed_profile=detailed_profile,
     )
-    with err_console.status(f"building an engine from {model.name}") as status:
-        result = build_engine(model, output, settings, out.force, device, on_step=status.update)
+    with stages(f"building an engine from {model.name}") as shown:
+        result = build_engine(model, output, settings, out.force, device, on_step=shown.step)
     header = result.header
     record = {
         "path": str(result.path),

@@ -13,8 +13,9 @@ from rich.table import Table
 from evit_deploy.cli.app import command, console, err_console
 from evit_deploy.cli.options import (
     BACKEND, DEVICE, FORCE, PRECISION, TOPK_SCORES, Output, evit_options, keep_text,
-    output_options, precision_options, settings_text,
+    output_options, precision_options, precision_text, settings_text,
 )
+from evit_deploy.cli.progress import stages
 from evit_deploy.cli.render import (
     bench_table, predictions_table, print_end_to_end, print_profiles, recall_table, sweep_table,
 )
@@ -27,7 +28,7 @@ from evit_deploy.model.config import EvitOverrides
 @output_options()
 def predict(
     artifact: Path = typer.Argument(..., help=".onnx, .plan/.engine, or a .pth/.safetensors checkpoint."),
-    images: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Image files (JPEG, PNG, ...) or folders (searched recursively, as eval does)."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files (JPEG, PNG, ...) or folders (searched recursively, as eval does)."),
     topk: int = typer.Option(5, help="Classes to report per image."),
     backend: str = BACKEND,
     device: Optional[str] = DEVICE,
@@ -35,7 +36,9 @@ def predict(
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """Classify images with any artifact (DeiT preprocessing, settings from the artifact)."""
+    """Classify images with any artifact.
+
+    DeiT preprocessing, with the settings the artifact carries."""
     from evit_deploy.data.samples import find_images
     from evit_deploy.runtime import Predictor
 
@@ -65,7 +68,7 @@ def bench(
     artifact: Path = typer.Argument(..., help=".onnx, .plan/.engine, or a .pth/.safetensors checkpoint."),
     batch: str = typer.Option("64", help="Batch size, or a list: 1,8,64."),
     warmup: int = typer.Option(3, help="Untimed runs per variant and batch size."),
-    iters: Optional[int] = typer.Option(None, help="Timed runs per variant (default: --min-seconds)."),
+    iters: Optional[int] = typer.Option(None, help="Timed runs per variant (default: as many as fit in --min-seconds)."),
     min_seconds: float = typer.Option(3.0, help="Time each variant at least this long (without --iters)."),
     backend: str = BACKEND,
     device: Optional[str] = DEVICE,
@@ -84,8 +87,10 @@ def bench(
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """Latency percentiles and throughput, EViT beside plain ViT, timed interleaved; with
-    --end-to-end also from image files to top-k, stage by stage; with --profile per operator."""
+    """Time EViT beside the plain ViT: latency and throughput.
+
+    The two are timed interleaved. With --end-to-end also from image files to top-k, stage by
+    stage; with --profile per operator."""
     from evit_deploy.fileio import check_can_write
     from evit_deploy.bench.bench import REFERENCE, bench_artifact, is_reference_kind, parse_batches
     from evit_deploy.bench.sweep import check_plotting, parse_keep_rates, plot_sweep, sweep_keep_rates
@@ -102,16 +107,16 @@ def bench(
         check_plotting()
     timing = dict(warmup=warmup, iterations=iters, min_seconds=min_seconds, end_to_end_dir=end_to_end)
     options = ({"threads": threads} if threads else {}) | precision_options(precision, fp32_topk_scores)
-    with err_console.status(f"benchmarking {artifact.name} at batch {batch}") as status:
+    with stages(f"benchmarking {artifact.name} at batch {batch}") as shown:
         if keep_rates is None:
             report = bench_artifact(
-                artifact, batches, backend, device, baseline=baseline, on_step=status.update,
+                artifact, batches, backend, device, baseline=baseline, on_step=shown.step,
                 profile=profile, **timing, **options, evit=evit,
             )
         else:
             report = sweep_keep_rates(
                 artifact, parse_keep_rates(keep_rates), batches, backend, device,
-                eval_dir=eval_dir, on_step=status.update, **timing, **options, evit=evit,
+                eval_dir=eval_dir, on_step=shown.step, **timing, **options, evit=evit,
             )
     if not out.as_json:
         console.print(bench_table(report) if keep_rates is None else sweep_table(report))
@@ -153,36 +158,22 @@ def evaluate_accuracy(
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """Top-1 / top-5 accuracy on an image folder, with any backend; with an objects.json (from
-    `evit-deploy dataset shapes`) also how much of each object the drop blocks keep."""
-    import time
+    """Top-1 / top-5 accuracy on an image folder, with any backend.
 
-    from evit_deploy.data.shapes import OBJECTS_FILE
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    With an objects.json (from `evit-deploy dataset shapes`) also how much of each object the
+    drop blocks keep."""
     from evit_deploy.analysis.evaluate import evaluate
     from evit_deploy.data.samples import find_samples, spread_subset
+    from evit_deploy.data.shapes import OBJECTS_FILE
     from evit_deploy.runtime import Predictor
 
-    with err_console.status(f"loading {artifact.name}"):
+    with stages(f"loading {artifact.name}") as shown:
         predictor = Predictor(artifact, backend=backend, device=device, evit=evit, **precision_options(precision))
-    meta = predictor.metadata
-    samples = spread_subset(find_samples(data_dir, meta.num_classes, labels, meta.classes), limit)
-    warn_if_random(predictor.metadata, artifact, "its accuracy is meaningless")
-    columns = (
-        TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("eval", total=len(samples), rate="-")
-        start = time.perf_counter()
-
-        def advance(done: int) -> None:
-            rate = done / (time.perf_counter() - start)
-            progress.update(task, completed=done, rate=f"{rate:.1f}")
-
-        result = evaluate(predictor, samples, batch, on_batch=advance)
+        meta = predictor.metadata
+        samples = spread_subset(find_samples(data_dir, meta.num_classes, labels, meta.classes), limit)
+        warn_if_random(predictor.metadata, artifact, "its accuracy is meaningless")
+        shown.step(f"evaluating {len(samples)} images in {data_dir}", len(samples))
+        result = evaluate(predictor, samples, batch, on_batch=shown.advance)
     if not out.as_json:
         info = predictor.backend.describe()
         table = Table(
@@ -216,8 +207,10 @@ def _object_recall(artifact: Path, data_dir: Path, limit: Optional[int], evit: E
     from evit_deploy.analysis.visualize import load_token_source
 
     try:
-        with err_console.status("object recall: which patches each drop block keeps"):
-            return object_recall(load_token_source(artifact, evit), data_dir, limit)
+        with stages(f"loading {artifact.name}'s kept tokens") as shown:
+            source = load_token_source(artifact, evit)
+            shown.step("object recall: which patches each drop block keeps")
+            return object_recall(source, data_dir, limit)
     except EvitDeployError as exc:
         err_console.print(f"[yellow]note:[/] no object recall: {escape(str(exc))}", highlight=False, soft_wrap=True)
         return None
@@ -227,21 +220,21 @@ def _object_recall(artifact: Path, data_dir: Path, limit: Optional[int], evit: E
 @evit_options()
 def visualize(
     artifact: Path = typer.Argument(..., help="A checkpoint, or an ONNX exported with --with-token-indices."),
-    images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...)."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files (JPEG, PNG, ...)."),
     output: Path = typer.Option(Path("."), "--output", "-o", help="Folder for <image>_tokens.png, or a .png path for one image."),
     force: bool = FORCE,
     evit: EvitOverrides = EvitOverrides(),
 ) -> None:
-    """Draw the patches every drop block keeps, one PNG per image (the paper's figure).
+    """Draw the patches each drop block keeps (the paper's figure).
 
-    Dropped patches are masked out; patches fused in that block are shaded."""
+    One PNG per image: dropped patches are masked out; patches fused in that block are shaded."""
     from evit_deploy.analysis.visualize import figure_paths, load_token_source, write_figures
 
     paths = figure_paths(images, output, force)
-    with err_console.status(f"loading {artifact.name}"):
+    with stages(f"loading {artifact.name}") as shown:
         source = load_token_source(artifact, evit)
-    console.print(settings_text(source.metadata), highlight=False)
-    with err_console.status("drawing"):
+        console.print(settings_text(source.metadata), highlight=False)
+        shown.step("drawing")
         for path in write_figures(source, images, paths, force):
             console.print(f"wrote {path}")
 
@@ -250,19 +243,23 @@ def visualize(
 @evit_options(("keep_rate", "drop_loc", "fuse_token", "img_size"))
 @output_options()
 def info(
-    target: str = typer.Argument(..., metavar="ARTIFACT_OR_MODEL", help="A model name, a checkpoint, an exported .onnx or an engine."),
+    target: str = typer.Argument(..., metavar="MODEL", help="A model name, a checkpoint, an exported .onnx or an engine."),
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """Parameters, tokens entering each block and GMACs counted with those token counts.
-    Reads an exported model's metadata only: no torch, no runtime."""
-    from evit_deploy.analysis.planning import model_cost, resolve_config
+    """Parameters, tokens per block and GMACs of a model.
 
-    config = resolve_config(target, evit)
+    GMACs are counted with the tokens entering each block. Of an exported model only the
+    metadata is read: no torch, no runtime."""
+    from evit_deploy.analysis.planning import model_cost, resolve_target
+
+    config, metadata = resolve_target(target, evit)
     cost = model_cost(config)
     if not out.as_json:
         paper = f"; paper {cost.published_gmacs:.1f}" if cost.published_gmacs is not None else ""
         console.print(f"[bold]{config.model}[/]{settings_text(config).removeprefix(config.model)}")
+        if metadata is not None:
+            console.print(f"precision       {precision_text(metadata)}", highlight=False)
         console.print(f"params          {cost.params / 1e6:.2f} M")
         console.print(f"GMACs           [bold]{cost.gmacs:.1f}[/] ({cost.gmacs:.3f}{paper})")
         console.print(f"image tokens    {' -> '.join(map(str, cost.tokens_after_drops))}")
@@ -275,21 +272,23 @@ def info(
                 str(plan.tokens_out), f"{macs.attention / 1e6:.1f}", f"{macs.mlp / 1e6:.1f}",
             )
         console.print(table)
-    out.emit(cost.to_dict())
+    out.emit({**cost.to_dict(), "precision": metadata.precision if metadata is not None else None})
 
 
 @command()
 @evit_options(("drop_loc", "fuse_token"))
 @output_options()
 def plan(
-    target: str = typer.Argument(..., metavar="ARTIFACT_OR_MODEL", help="A model name, a checkpoint, an exported .onnx or an engine: its architecture and classes."),
+    target: str = typer.Argument(..., metavar="MODEL", help="A model name, a checkpoint, an exported .onnx or an engine: its architecture and classes."),
     budget_gmacs: float = typer.Option(..., help="GMACs per image to stay within (DeiT-S at 224: 4.6)."),
     img_sizes: Optional[str] = typer.Option(None, help="Sizes to try (default 224,240,...,384)."),
     keep_rates: Optional[str] = typer.Option(None, help="Keep rates to try (default 0.40,0.45,...,1.00)."),
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """More tokens at the same cost: per input size, the highest keep rate that fits a budget."""
+    """The highest keep rate per input size within a GMACs budget.
+
+    More tokens at the same cost: a larger input with a lower keep rate."""
     from evit_deploy.analysis.planning import (
         DEFAULT_PLAN_KEEP_RATES, DEFAULT_PLAN_SIZES, fit_budget, parse_numbers, resolve_config,
     )

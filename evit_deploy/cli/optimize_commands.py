@@ -11,6 +11,7 @@ from rich.table import Table
 
 from evit_deploy.cli.app import command, console, err_console
 from evit_deploy.cli.options import Output, output_options
+from evit_deploy.cli.progress import stages
 from evit_deploy.stats import share_text
 
 
@@ -25,15 +26,18 @@ def optimize(
     output: Path = typer.Option(Path("deployment"), "--output", "-o", metavar="DIR", help="Folder for the chosen artifact and deployment.json."),
     out: Output = Output(),
 ) -> None:
-    """Judge every runtime and precision this machine runs by the precision gates, time each beside
-    its plain ViT, and write the fastest that passes with its deployment.json."""
+    """The fastest runtime and precision here that passes the gates.
+
+    Judges every runtime and precision this machine runs by the precision gates on held-out
+    images, times each beside its plain ViT, and writes the fastest that passes with its
+    deployment.json."""
     from evit_deploy.bench.optimize import NothingPassed, optimize as run_optimize
 
     try:
-        with err_console.status(f"optimizing {model.name}") as status:
+        with stages(f"optimizing {model.name}") as shown:
             result = run_optimize(
                 model, validate_dir, output, calibration=calibration, batch=batch, min_seconds=min_seconds,
-                force=out.force, on_step=status.update,
+                force=out.force, on_step=shown.step, on_progress=shown.advance,
             )
     except NothingPassed as failed:
         print_optimize(failed.result, err_console if out.as_json else console)

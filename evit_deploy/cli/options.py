@@ -153,6 +153,15 @@ def keep_text(rate: float) -> str:
     return repr(float(rate))
 
 
+def precision_text(meta) -> str:
+    """What an exported file computes in: int8 (static quantization), fp16 (FP32 islands: ...)."""
+    if meta.quantization:
+        return f"{meta.precision} ({meta.quantization.get('method', 'unknown')} quantization)"
+    if meta.fp32_islands:
+        return f"{meta.precision} (FP32 islands: {', '.join(meta.fp32_islands)})"
+    return meta.precision
+
+
 def settings_text(meta) -> str:
     """An artifact's (or EvitConfig's) EViT settings in one line, the keep rate in use first."""
     fusion = "fused token" if meta.fuse_token else "no fused token"

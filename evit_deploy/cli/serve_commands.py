@@ -14,6 +14,7 @@ from evit_deploy.cli.options import (
     BACKEND, DEVICE, FORCE, PRECISION, Output, evit_options, output_options, precision_options,
     settings_text,
 )
+from evit_deploy.cli.progress import stages
 from evit_deploy.cli.render import predictions_table, print_load_test
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.model.config import EvitOverrides
@@ -38,11 +39,13 @@ def serve(
     precision: Optional[str] = PRECISION,
     max_body_mb: float = typer.Option(10.0, help="Largest image upload on the REST front (413 beyond)."),
     shutdown_timeout: int = typer.Option(30, help="Seconds to finish in-flight requests on Ctrl-C / SIGTERM."),
-    verbose: bool = typer.Option(False, help="Print Triton's own log."),
+    verbose: bool = typer.Option(False, "--verbose", help="Print Triton's own log."),
     evit: EvitOverrides = EvitOverrides(),
 ) -> None:
-    """Serve an artifact with Triton Inference Server (via PyTriton): dynamic batching, HTTP/gRPC,
-    health, Prometheus metrics, plus a REST endpoint for JPEG/PNG uploads."""
+    """Serve an artifact with Triton Inference Server.
+
+    Through PyTriton: dynamic batching, HTTP/gRPC, health, Prometheus metrics, plus a REST
+    endpoint for JPEG/PNG uploads."""
     from evit_deploy.serve import EvitServer, ServeOptions
 
     options = ServeOptions(
@@ -79,14 +82,16 @@ def serve(
 @command()
 @output_options()
 def client(
-    images: list[Path] = typer.Argument(..., help="JPEG/PNG files to classify on a running server."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="JPEG/PNG files to classify on a running server."),
     url: str = typer.Option("http://127.0.0.1:8000", help="The server's Triton HTTP URL."),
     rest_url: Optional[str] = typer.Option(None, help="The server's REST front (default: --url's port + 3)."),
     model_name: str = typer.Option("evit", help="Model name on the server."),
     topk: int = typer.Option(5, help="Classes to report per image."),
     out: Output = Output(),
 ) -> None:
-    """Classify images on a running `evit-deploy serve` (uploads them to its REST front)."""
+    """Classify images on a running `evit-deploy serve`.
+
+    The images are uploaded to its REST front."""
     from evit_deploy.client import Client
 
     missing = [str(image) for image in images if not image.is_file()]
@@ -116,8 +121,10 @@ def loadtest(
     evit: EvitOverrides = EvitOverrides(),
     out: Output = Output(),
 ) -> None:
-    """Load a server with N concurrent clients: latency percentiles, throughput, errors, wrong answers.
-    Exits 1 if any request failed or was answered with a wrong result."""
+    """Load a server with concurrent clients and check answers.
+
+    Latency percentiles, throughput, errors and wrong answers; exits 1 if any request failed or
+    was answered with a wrong result."""
     from evit_deploy.client import load_test
     from evit_deploy.runtime.backends import check_overrides
 
@@ -125,7 +132,7 @@ def loadtest(
         raise UsageError("the EViT settings (--model, --keep-rate, ...) go with --artifact")
     if artifact is not None:
         check_overrides(artifact, "auto", evit)
-    with err_console.status(f"{requests} requests from {concurrency} clients to {url}"):
+    with stages(f"{requests} requests from {concurrency} clients to {url}"):
         result = load_test(
             url, model=model_name, concurrency=concurrency, requests=requests, batch=batch,
             artifact=artifact, evit=evit, max_seconds=max_seconds,
@@ -153,7 +160,9 @@ def triton_repo(
     precision: str = typer.Option("fp32", help="--platform openvino: fp32 (serves the ONNX) or bf16 (writes OpenVINO IR, TopK scores FP32)."),
     threads: Optional[int] = typer.Option(None, help="--platform openvino: inference threads per instance (default: all cores)."),
 ) -> None:
-    """Write a Triton Inference Server model repository (config.pbtxt, model, labels) for an artifact."""
+    """Write a Triton model repository for an artifact.
+
+    config.pbtxt, the model and its labels, for Triton Inference Server."""
     from evit_deploy.serve.triton_repo import write_triton_repo
 
     result = write_triton_repo(

@@ -8,8 +8,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from evit_deploy.cli.app import app, command, console, err_console
+from evit_deploy.cli.app import app, command, console
 from evit_deploy.cli.options import FORCE, Output, output_options
+from evit_deploy.cli.progress import stages
 
 
 @command()
@@ -17,8 +18,10 @@ from evit_deploy.cli.options import FORCE, Output, output_options
 def doctor(
     out: Output = Output(),
 ) -> None:
-    """Versions, GPU, and which backends, exports, builds, serving and plots work here (and what
-    to install)."""
+    """What works here: backends, exports, serving and plots.
+
+    Versions, GPU, and which backends, exports, builds, serving and plots work here, and what to
+    install for the others."""
     from evit_deploy.doctor import diagnose
 
     report = diagnose()
@@ -63,7 +66,7 @@ def doctor(
     out.emit(report.to_dict())
 
 
-dataset_app = typer.Typer(no_args_is_help=True, help="Generate datasets (no download needed).")
+dataset_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Generate datasets (no download needed).")
 app.add_typer(dataset_app, name="dataset")
 
 
@@ -75,19 +78,14 @@ def dataset_shapes(
     img_size: int = typer.Option(224, help="Image size in pixels (a multiple of 16)."),
     force: bool = FORCE,
 ) -> None:
-    """The shapes dataset the shipped model was trained on: one coloured object on grey clutter,
-    8 classes (colour family x shape), with each image's object patches in objects.json."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    """The shapes dataset the shipped model was trained on.
 
+    One coloured object on grey clutter, 8 classes (colour family x shape), with each image's
+    object patches in objects.json."""
     from evit_deploy.data.shapes import CLASSES, write_dataset
 
-    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("shapes", total=count)
-        write_dataset(
-            output, count, seed, img_size, force,
-            on_image=lambda done: progress.update(task, completed=done),
-        )
+    with stages(f"generating {count} images in {output}", count) as shown:
+        write_dataset(output, count, seed, img_size, force, on_image=shown.advance)
     console.print(
         f"[bold green]wrote[/] {escape(str(output))}: {count} images, {len(CLASSES)} classes "
         f"({', '.join(CLASSES)}), labels.txt, objects.json",

@@ -442,7 +442,6 @@ def build_engine(
     atomically; then, best effort, the timing cache."""
     onnx_path = Path(onnx_path)
     output = check_can_write(output or default_engine_path(onnx_path, settings.precision), force)
-    on_step("checking the ONNX for TensorRT")
     check = precheck_onnx(onnx_path)
     shapes = settings.profile.shapes(check.input_dims)
     trt, gpu = require_tensorrt_gpu(device, "build-engine")

@@ -189,7 +189,8 @@ def export_onnx(
     precision: str = FP32,
     fp32_islands: Sequence[str] = DEFAULT_ISLANDS,
     accept_failed_gates: bool = False,
-    on_step: Callable[[str], None] = lambda step: None,
+    on_step: Callable[..., None] = lambda text, total=None: None,
+    on_progress: Callable[[int], None] = lambda done: None,
 ) -> ExportResult:
     """Export, validate against `model` (also on the images under validate_dir, if given) and only
     then write `output` atomically.
@@ -199,7 +200,8 @@ def export_onnx(
     reduced precision that misses a gate is written only with `accept_failed_gates`, and its
     metadata lists the gates it missed.
     A file that fails validation is never written, so a path that exists is always a checked
-    export.
+    export. on_step(text) names each stage as it starts, on_step(text, images) the held-out
+    validation, whose images done go to on_progress.
     """
     check_opset(opset)
     output = check_can_write(output, force)
@@ -221,7 +223,9 @@ def export_onnx(
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     on_step("validating")
-    report = validate_onnx(model, data, validate_dir=validate_dir, gates=GATES.get(precision))
+    report = validate_onnx(
+        model, data, validate_dir=validate_dir, gates=GATES.get(precision), on_step=on_step, on_progress=on_progress
+    )
     if not report.passed and not (accept_failed_gates and precision != FP32):
         hint = " (--accept-failed-gates writes it anyway, recorded in its metadata)" if precision != FP32 else ""
         raise ValidationFailed(

@@ -218,7 +218,8 @@ def quantize_onnx(
     accept_failed_gates: bool = False,
     force: bool = False,
     exclude_score_path: bool = True,
-    on_step: Callable[[str], None] = lambda step: None,
+    on_step: Callable[..., None] = lambda text, total=None: None,
+    on_progress: Callable[[int], None] = lambda done: None,
 ) -> QuantizeResult:
     """Quantize, validate against the FP32 file on the held-out folder, then write atomically
     (only if the gates pass, or `accept_failed_gates`). exclude_score_path=False quantizes the
@@ -247,7 +248,10 @@ def quantize_onnx(
     quantized, settings = quantize_graph(fp32, method, meta, batches, exclude)
     check_score_path_float(quantized, exclude)
     on_step("validating against FP32")
-    report = validate(onnx_runner(fp32), onnx_runner(quantized), meta, validate_dir=validate_dir, gates=gates)
+    report = validate(
+        onnx_runner(fp32), onnx_runner(quantized), meta, validate_dir=validate_dir, gates=gates,
+        on_step=on_step, on_progress=on_progress,
+    )
     if not report.passed and not accept_failed_gates:
         raise ValidationFailed(
             f"int8 ({method}) missed the precision gates, nothing written: {report.failure_summary()} "

@@ -323,11 +323,13 @@ def validation_inputs(
     meta: ArtifactMetadata,
     batch: int = VALIDATION_BATCH,
     validate_dir: str | Path | None = None,
+    held_out: tuple[list[Path], np.ndarray | None] | None = None,
 ) -> Iterator[InputSet]:
     """Seeded random tensors and a photograph with mirrored and close-up views, `batch` each;
     then every image under validate_dir in chunks (one name), with their classes where the
-    folders name the model's classes (or are ImageNet WordNet ids, or one per class), and their
-    object patches where the folder's objects.json lists them for this model's patch grid."""
+    folders name the model's classes (or are ImageNet WordNet ids, or one per class; `held_out`
+    where labelled_images found them already), and their object patches where the folder's
+    objects.json lists them for this model's patch grid."""
     img_size = meta.img_size
     transform = {k: getattr(meta, k) for k in ("mean", "std", "crop_pct", "interpolation")}
     rng = np.random.default_rng(0)
@@ -339,7 +341,7 @@ def validation_inputs(
     yield InputSet("natural image", preprocess(views[:batch], img_size, **transform))
     if validate_dir is None:
         return
-    files, labels = labelled_images(validate_dir, meta)
+    files, labels = held_out or labelled_images(validate_dir, meta)
     objects = object_patches_of(validate_dir, files) if meta.crop_pct == 1.0 else None
     name = f"{Path(validate_dir).name}/ ({len(files)} images)"
     for start in range(0, len(files), DIR_CHUNK):
@@ -410,10 +412,13 @@ def validate(
     batch: int = VALIDATION_BATCH,
     validate_dir: str | Path | None = None,
     gates: Gates | None = None,
-    on_chunk: Callable[[int], None] = lambda images: None,
+    on_step: Callable[[str, int], None] = lambda text, total: None,
+    on_progress: Callable[[int], None] = lambda done: None,
 ) -> ValidationReport:
     """Compare `candidate` with the FP32 `reference` on the validation inputs (FP32 rules when
-    gates is None, else the gates on the held-out row, which is then required)."""
+    gates is None, else the gates on the held-out row, which is then required). The held-out
+    images, most of the time, are a stage of their own: on_step(text, images), then
+    on_progress(images done)."""
     if gates is not None and validate_dir is None:
         raise UsageError(
             f"{gates.precision} is judged on held-out images: pass --validate-dir DIR (a folder "
@@ -421,12 +426,18 @@ def validate(
         )
     config = meta.to_config()
     parts: dict[str, list[CaseResult]] = {}
-    for inputs in validation_inputs(meta, batch, validate_dir):
+    held_out = labelled_images(validate_dir, meta) if validate_dir is not None else None
+    done = 0
+    for inputs in validation_inputs(meta, batch, validate_dir, held_out):
+        if inputs.held_out and done == 0:
+            on_step(f"validating on {inputs.name}", len(held_out[0]))
         ref, got = reference(inputs.images), candidate(inputs.images)
         parts.setdefault(inputs.name, []).append(
             compare(inputs.name, ref, got.logits, got.indices, config, inputs.labels, gates, inputs.held_out, inputs.objects)
         )
-        on_chunk(len(inputs.images))
+        if inputs.held_out:
+            done += len(inputs.images)
+            on_progress(done)
     cases = [chunks[0] if len(chunks) == 1 else merge_cases(name, chunks) for name, chunks in parts.items()]
     return ValidationReport(cases, gates.precision if gates else FP32, gates)
 
@@ -437,10 +448,14 @@ def validate_onnx(
     batch: int = VALIDATION_BATCH,
     validate_dir: str | Path | None = None,
     gates: Gates | None = None,
+    on_step: Callable[[str, int], None] = lambda text, total: None,
+    on_progress: Callable[[int], None] = lambda done: None,
 ) -> ValidationReport:
     """An exported graph on ONNX Runtime's CPU provider against the PyTorch model it came from."""
     meta = ArtifactMetadata.from_model(model)
-    return validate(torch_runner(model), onnx_runner(onnx_model), meta, batch, validate_dir, gates)
+    return validate(
+        torch_runner(model), onnx_runner(onnx_model), meta, batch, validate_dir, gates, on_step, on_progress
+    )
 
 
 def is_near_tie(scores: np.ndarray, keep: int) -> bool:
