@@ -11,7 +11,7 @@ For each model: GMACs (plan's count, and torch's FLOP counter on the real forwar
 top-5 on 2,000 held-out images of seed 3 at its own resolution, object recall per drop block, img/s
 on ONNX Runtime FP32 (each pair timed interleaved at batch 8, medians), and the fastest path that
 passes the precision gates (`evit-deploy optimize` on the first 500 of those images). Writes JSON
-(build/paper_claims/results.json unless --output) and prints the Markdown table.
+(build/results_paper_claims.json unless --output, records.py) and prints the Markdown table.
 
     PYTHONPATH=. .venv/bin/python benchmarks/paper_claims.py [--models build/paper_claims]
 """
@@ -19,8 +19,6 @@ passes the precision gates (`evit-deploy optimize` on the first 500 of those ima
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
 import time
 import warnings
@@ -41,6 +39,7 @@ from evit_deploy.model.flops import count_macs
 from evit_deploy.runtime import Predictor
 from evit_deploy.runtime.backends import load_backend
 from evit_deploy.runtime.cpu_features import probe_cpu
+from records import check_output, output_options, warn_if_busy, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "evit_deploy" / "assets"
@@ -70,12 +69,6 @@ def counted_gmacs(model) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(1, 3, size, size))
     return counter.get_total_flops() / 2 / 1e9
-
-
-def warn_if_busy() -> None:
-    load = os.getloadavg()[0]
-    if load > (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f} is above the {os.cpu_count()} cores: timings will be noisy", flush=True)
 
 
 def measure(name: str, checkpoint: Path, data: Path, work: Path) -> dict:
@@ -146,6 +139,17 @@ def markdown(result: dict) -> str:
         f"| 2: EViT at higher resolution, same GMACs | {PAPER['claim2']['top1_delta']:+.1f} pt top-1 "
         f"| {c2['top1_delta']:+.2f} pt top-1 at {c2['gmacs_ratio']:.2f}x the GMACs, {c2['speedup_ort_fp32']:.2f}x speed (ORT FP32) |",
     ]
+    lines += [
+        "",
+        "| `plan` checked | EViT | plain | speed-up plan implies (GMACs ratio) | measured (ORT FP32) |",
+        "|---|---|---|---|---|",
+    ]
+    for claim, (evit, plain) in (("claim1", ("evit", "plain")), ("claim2", ("evit_256", "plain_ft"))):
+        e, q = rows[evit], rows[plain]
+        lines.append(
+            f"| {label[evit]} vs {label[plain]}: GMACs plan / counted | {e['gmacs_plan']:.3f} / {e['gmacs_counted']:.3f} "
+            f"| {q['gmacs_plan']:.3f} / {q['gmacs_counted']:.3f} | {result[claim]['plan_speedup']:.2f}x | {result[claim]['speedup_ort_fp32']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -155,8 +159,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--min-seconds", type=float, default=8.0)
     parser.add_argument("--count", type=int, default=HELDOUT_COUNT)
-    parser.add_argument("--output", type=Path, default=ROOT / "build" / "paper_claims" / "results.json")
+    output_options(parser, "results_paper_claims.json")
     args = parser.parse_args()
+    check_output(args)
     warnings.simplefilter("ignore")
     checkpoints = models(args.models)
     missing = [str(p) for p in checkpoints.values() if not p.is_file()]
@@ -207,10 +212,8 @@ def main() -> None:
             "plan_speedup": rows["plain_ft"]["gmacs_plan"] / rows["evit_256"]["gmacs_plan"],
         },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_record(args, result)
     print(markdown(result))
-    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
