@@ -199,8 +199,9 @@ def test_python_env_is_recorded_only_when_no_unrecorded_tritonserver_runs(tmp_pa
 
 @needs_pytriton
 def test_client_mistakes_are_4xx_without_a_traceback(server, caplog):
-    """Malformed multipart: 400 (was 500 with a traceback per request); sizes: 413, a chunked
-    body too (it has no Content-Length to refuse it from)."""
+    """Malformed multipart, an upload cut short, broken chunk framing: 400 (the first two were 500
+    with a traceback per request); sizes: 413, a chunked body too (it has no Content-Length to
+    refuse it from)."""
     jpeg = SAMPLE_IMAGE.read_bytes()
     with caplog.at_level(logging.WARNING):
         for body, content_type, reason in (
@@ -209,7 +210,16 @@ def test_client_mistakes_are_4xx_without_a_traceback(server, caplog):
         ):
             status, _, data = upload(server, body, content_type)
             assert (status, reason in data) == (400, True), data
-    assert not [r for r in caplog.records if r.name.startswith("evit_deploy")], caplog.text
+        refused = server.metrics.rest_requests.get("400")
+        for framing in (b"Content-Length: 1000\r\n\r\nabc", b"Transfer-Encoding: chunked\r\n\r\n10\r\nabc"):
+            with socket.create_connection(_rest_address(server), timeout=10) as sock:  # leaves mid-body
+                sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n".encode() + framing)
+                time.sleep(0.2)
+        wait_until(lambda: server.metrics.rest_requests.get("400") == refused + 2, "uploads cut short to be answered 400")
+        with socket.create_connection(_rest_address(server), timeout=10) as sock:
+            sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".encode())
+            assert sock.recv(4096)[9:12] == b"400", "broken chunk framing"
+    assert not [r for r in caplog.records if r.name.startswith(("evit_deploy", "aiohttp"))], caplog.text
     for width, height in ((20000, 20000), (1, 8000)):
         status, _, data = upload(server, _png_declaring(width, height), "image/png")
         assert status == 413, data
@@ -228,10 +238,15 @@ def _jpeg_declaring(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def _rest_address(srv) -> tuple[str, int]:
+    host, port = srv.urls["rest"].removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
 def _chunked_upload(srv, size: int, chunk: int = 2**16) -> bytes:
     """POST `size` bytes with Transfer-Encoding: chunked; the answer's first bytes."""
-    host, port = srv.urls["rest"].removeprefix("http://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
+    host, _ = address = _rest_address(srv)
+    with socket.create_connection(address, timeout=30) as sock:
         sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
                      "Transfer-Encoding: chunked\r\n\r\n".encode())
         try:
@@ -248,10 +263,10 @@ def test_64_slow_uploads_do_not_lock_out_other_uploads(server):
     """64 connections announce 100 KB and send 1 byte a second. An upload slot is taken once a
     body has arrived (this server has 1), so a normal upload is answered at once; the slow ones
     get 408 when they fall behind the minimum rate, after UPLOAD_GRACE_S."""
-    host, port = server.urls["rest"].removeprefix("http://").rsplit(":", 1)
+    host, _ = address = _rest_address(server)
     head = (f"POST {PREDICT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
             "Content-Length: 102400\r\n\r\n").encode()
-    slow = [socket.create_connection((host, int(port)), timeout=10) for _ in range(64)]
+    slow = [socket.create_connection(address, timeout=10) for _ in range(64)]
     answers: dict[socket.socket, bytes] = {}
     done = threading.Event()
 

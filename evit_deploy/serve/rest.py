@@ -114,6 +114,19 @@ def multipart_file(body: bytes, content_type: str) -> bytes:
     raise RequestError(400, "multipart body has no file field; send the image as a file")
 
 
+class _ClientProtocolErrors(logging.Filter):
+    """Drops aiohttp's traceback for a request it refused as malformed HTTP (bad chunk framing, a
+    broken header): aiohttp answers 400, and the mistake is the client's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
+
+
+CLIENT_PROTOCOL_ERRORS = _ClientProtocolErrors()
+
+
 def _cancel_pending(loop: asyncio.AbstractEventLoop) -> None:
     """Cancel what is still running on a stopped loop (aiohttp's keep-alive connection handlers)
     and let it finish, so closing the loop does not garbage-collect pending tasks, which asyncio
@@ -176,6 +189,7 @@ class RestFront:
     # -- lifecycle
 
     def start(self, timeout: float = 30.0) -> None:
+        logging.getLogger("aiohttp.server").addFilter(CLIENT_PROTOCOL_ERRORS)  # once: filters are a set
         self._thread = threading.Thread(target=self._run, name="evit-rest", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):
@@ -323,8 +337,11 @@ class RestFront:
 
     async def _read_body(self, stream) -> bytes:
         """Read until the end, refusing (408) a body that falls behind min_upload_rate after
-        UPLOAD_GRACE_S or is not complete within body_timeout_s, and (413) one that grows over
-        max_body_bytes (a chunked body has no Content-Length to refuse it from)."""
+        UPLOAD_GRACE_S or is not complete within body_timeout_s, (413) one that grows over
+        max_body_bytes (a chunked body has no Content-Length to refuse it from), and (400) one cut
+        short or badly chunked."""
+        from aiohttp.http_exceptions import HttpProcessingError
+
         body = bytearray()
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -333,6 +350,8 @@ class RestFront:
             due = min(self.body_timeout_s, UPLOAD_GRACE_S + len(body) / self.min_upload_rate)
             try:
                 chunk = await asyncio.wait_for(stream.readany(), max(0.0, due - (loop.time() - started)))
+            except (ConnectionError, HttpProcessingError) as exc:  # the client left, or broke the framing
+                raise RequestError(400, f"upload ended before its body was complete: {exc}") from None
             except asyncio.TimeoutError:
                 raise RequestError(
                     408,
