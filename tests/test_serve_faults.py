@@ -171,6 +171,31 @@ def test_stale_runs_go_and_live_ones_stay(tmp_path):
     assert all(path.exists() for path in [*live.values(), *unrelated])
 
 
+def test_a_dead_runs_orphaned_stubs_are_killed_and_a_run_still_shutting_down_is_kept(tmp_path):
+    """A stub that outlived its tritonserver (and its serve) is killed with its run; a run whose
+    tritonserver still runs (finishing its shutdown after serve was killed) is left for later."""
+    root, tmp, shm = (tmp_path / name for name in ("temp", "tmp", "shm"))
+    for folder in (root, tmp, shm):
+        folder.mkdir()
+    orphaned = _plant_run(root, tmp, shm, dead_pid(), None, "EEEEEE")["run"]
+    stopping = _plant_run(root, tmp, shm, dead_pid(), None, "FFFFFF")["run"]
+    started = []
+    try:
+        for run, name in ((orphaned, "triton_python_backend_stub"), (stopping, "tritonserver")):
+            program = run / "workspace" / "bin" / name  # sleep, under the name Triton's processes have
+            program.parent.mkdir(parents=True)
+            shutil.copy(shutil.which("sleep"), program)
+            started.append(subprocess.Popen([str(program), "60"]))
+        wait_until(lambda: all(processes.running_from(run.resolve()) for run in (orphaned, stopping)), "the programs to start")
+        assert processes.remove_stale_runs(root, tmp, shm) == [orphaned.resolve()]
+        assert started[0].wait(10) == -signal.SIGKILL and started[1].poll() is None
+        assert stopping.exists() and not orphaned.exists()
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_python_env_is_recorded_only_when_no_unrecorded_tritonserver_runs(tmp_path, monkeypatch):
     """Triton's python_env_* folders name no owner: a new one is this run's only when every other
     tritonserver is one that a serve recorded (so it made its own before)."""
@@ -383,7 +408,7 @@ def test_a_dead_backend_is_unready_at_once_then_started_again(server, predictor)
     with pytest.warns(UserWarning, match=r"backend died \(its Python backend stub .* was killed by SIGKILL\): starting Triton again \(1 of 3"):
         killed = time.monotonic()
         os.kill(stub, signal.SIGKILL)
-        wait_until(lambda: readiness(server)[2] == 503, "the REST front's readiness to turn false", timeout=5)
+        wait_until(lambda: 200 not in readiness(server), "every readiness endpoint to turn false", timeout=5)
         unready = time.monotonic() - killed
         wait_until(lambda: readiness(server) == (200, 200, 200), "ready again", timeout=SERVER_TIMEOUT)
     assert unready < 2.0, f"readiness turned false only after {unready:.1f} s"

@@ -14,8 +14,9 @@ what Triton creates outside it:
   and an ambiguous one is left alone).
 
 `remove_run` deletes a run folder and those files. A run whose serve process is gone (killed with
-SIGKILL) is removed by the next start (`remove_stale_runs`), unless a process still runs from it
-(a tritonserver finishing its shutdown); nothing another live process owns is touched.
+SIGKILL) is removed by the next start (`remove_stale_runs`), unless its tritonserver still runs
+(finishing its shutdown); stubs still running from it have outlived their tritonserver and are
+killed. Nothing another live process owns is touched.
 """
 
 from __future__ import annotations
@@ -208,21 +209,35 @@ def remove_stale_runs(root: Path | None = None, tmp: Path = TRITON_TMP, shm: Pat
             continue
         folder = folder.resolve()
         record = read_record(folder)
-        if running(int(match[1]), record.get("start_ticks")) or _runs_from(folder):
+        if running(int(match[1]), record.get("start_ticks")):
             continue
+        inside = running_from(folder)
+        if any(stat.name == TRITON_NAME for stat in inside.values()):
+            continue  # its tritonserver is still shutting down (SIGTERM when serve died)
+        kill(inside)  # stubs that outlived their tritonserver
         remove_run(folder, record, tmp, shm)
         removed.append(folder)
     return removed
 
 
-def _runs_from(folder: Path) -> bool:
-    """Whether a process runs an executable inside `folder` (its tritonserver, its stubs)."""
+def running_from(folder: Path) -> dict[int, ProcessStat]:
+    """Running processes whose executable is inside `folder`: a run's tritonserver and stubs."""
+    found = {}
     for entry in PROC.iterdir():
         if entry.name.isdigit():
             exe = executable(int(entry.name))
-            if exe is not None and folder in exe.parents and running(int(entry.name)):
-                return True
-    return False
+            stat = process_stat(int(entry.name)) if exe is not None and folder in exe.parents else None
+            if stat is not None and stat.running:
+                found[int(entry.name)] = stat
+    return found
+
+
+def kill(found: dict[int, ProcessStat]) -> None:
+    """SIGKILL these processes, each only if it is still the one that was found."""
+    for pid, stat in found.items():
+        if running(pid, stat.start_ticks):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _names_workspace(copy: Path, workspace: str) -> bool:

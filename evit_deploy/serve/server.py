@@ -396,16 +396,20 @@ class EvitServer:
         atexit.unregister(self.stop)
 
     def _stop_triton(self, kill: bool = False) -> None:
+        """Stop Triton (kill: at once), then whatever still runs from its run folder (the stubs of a
+        killed tritonserver, or one a stopped tritonserver left behind: seen once, running on
+        after its tritonserver had exited), then its files."""
         try:
             if self.triton is not None:
                 if kill:
-                    self.triton.kill(self.stubs)
+                    self.triton.kill()
                 else:
                     self.triton.stop()
         finally:
             self.triton = None
             self.stubs = {}
             if self.run is not None:
+                processes.kill(processes.running_from(self.run.path))
                 self.run.remove()
                 self.run = None
 

@@ -65,11 +65,8 @@ class ServeTriton(Triton):
     def _on_tritonserver_exit(self, *_) -> None:
         """Left to EvitServer's watch."""
 
-    def kill(self, stubs: dict[int, processes.ProcessStat]) -> None:
-        """SIGKILL the stubs and tritonserver, then PyTriton's own clean-up (its workspace)."""
-        for pid, stat in stubs.items():
-            if processes.running(pid, stat.start_ticks):
-                os.kill(pid, signal.SIGKILL)
+    def kill(self) -> None:
+        """SIGKILL tritonserver, then PyTriton's own clean-up (its workspace)."""
         server = self._triton_server
         if server is not None and server.is_alive():
             os.kill(self.server_pid, signal.SIGKILL)
