@@ -98,6 +98,29 @@ def test_every_loader_runs_the_folder_as_recorded(deployed, held_out, tmp_path):
     assert (tmp_path / "repo" / "evit" / "config.pbtxt").is_file()
 
 
+def test_serve_runs_the_folder_as_recorded(deployed, held_out):
+    """serve on a deployment folder: the recorded backend and precision behind Triton, answering
+    as the Predictor on the same folder does."""
+    pytest.importorskip("pytriton")
+    from test_serve import SERVER_TIMEOUT, connect, port_options
+
+    from evit_deploy.serve import EvitServer
+
+    result, output, _ = deployed
+    image = sorted(held_out.rglob("*.png"))[0]
+    server = EvitServer(output, port_options(max_batch=8))
+    server.start(ready_timeout_s=SERVER_TIMEOUT)
+    try:
+        backend = server.predictors[0].backend
+        assert backend.name == result.chosen.backend and backend.precision == result.chosen.precision
+        served = connect(server).predict_image(image, topk=1)
+    finally:
+        server.stop()
+    with Predictor(output) as predictor:
+        local = predictor.predict([image], topk=1)[0]
+    assert served["class_ids"] == local.class_ids
+
+
 def test_nothing_is_written_when_no_candidate_passes(held_out, tmp_path, monkeypatch):
     monkeypatch.setattr(optimize_module, "gates_for", lambda precision: IMPOSSIBLE)
     monkeypatch.setattr(optimize_module, "this_machine_candidates",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +39,9 @@ def serve(
     device: Optional[str] = DEVICE,
     precision: Optional[str] = PRECISION,
     max_body_mb: float = typer.Option(10.0, help="Largest image upload on the REST front (413 beyond)."),
+    body_timeout: float = typer.Option(60.0, help="Seconds an upload may take to arrive in full (408 beyond)."),
+    min_upload_rate: float = typer.Option(4.0, help="KB/s an upload must keep up after its first 5 s (408 below)."),
+    max_restarts: int = typer.Option(3, help="Times the model backend is started again after it dies, within 10 minutes; then exit 1."),
     shutdown_timeout: int = typer.Option(30, help="Seconds to finish in-flight requests on Ctrl-C / SIGTERM."),
     verbose: bool = typer.Option(False, "--verbose", help="Print Triton's own log."),
     evit: EvitOverrides = EvitOverrides(),
@@ -45,18 +49,25 @@ def serve(
     """Serve an artifact with Triton Inference Server.
 
     Through PyTriton: dynamic batching, HTTP/gRPC, health, Prometheus metrics, plus a REST
-    endpoint for JPEG/PNG uploads."""
+    endpoint for JPEG/PNG uploads. Ctrl-C or SIGTERM stops it gracefully, with exit status 0."""
     from evit_deploy.serve import EvitServer, ServeOptions
 
     options = ServeOptions(
         host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port, rest_port=rest_port,
         model_name=model_name, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
-        workers=workers, max_body_mb=max_body_mb, shutdown_timeout_s=shutdown_timeout, verbose=verbose,
+        workers=workers, max_body_mb=max_body_mb, body_timeout_s=body_timeout,
+        min_upload_kb_per_s=min_upload_rate, max_restarts=max_restarts, shutdown_timeout_s=shutdown_timeout,
+        verbose=verbose,
     )
-    server = EvitServer(artifact, options, backend=backend, device=device, evit=evit, **precision_options(precision))
+    if not verbose:  # PyTriton's notes (Triton exiting with failure when serve restarts it): serve says it
+        logging.getLogger("pytriton").setLevel(logging.CRITICAL)
+    server = EvitServer(artifact, options, backend=backend, device=device, evit=evit,
+                        backend_options=precision_options(precision))
+    started = False
     try:
-        with err_console.status(f"loading {artifact.name} and starting Triton Inference Server"):
+        with stages(f"loading {artifact.name} and starting Triton Inference Server"):
             server.start()
+        started = True
         meta, urls, backend_info = server.metadata, server.urls, server.predictors[0].backend
         console.print(
             f"[bold green]serving[/] {artifact.name} ({settings_text(meta)}) on "
@@ -70,7 +81,7 @@ def serve(
         console.print("Ctrl-C or SIGTERM stops after in-flight requests finish", style="dim")
         server.wait()
     except KeyboardInterrupt:
-        if server.triton is None:
+        if not started:
             raise
         interrupt.handled()  # a stop is how a server ends: exit 0 once in-flight requests finish
         err_console.print("stopping: finishing in-flight requests")

@@ -116,6 +116,11 @@ class ServeMetrics:
         self.rest_requests = Counter(
             "evit_rest_requests_total", "REST front requests by HTTP status.", "code", labels
         )
+        self.backend_restarts = Counter(
+            "evit_backend_restarts_total",
+            "Times the model backend died and serve started Triton again.",
+            "model",
+        )
         self.rest_latency = Histogram(
             "evit_rest_request_duration_seconds",
             "REST front image requests, upload to answer (decode, preprocess, queue, inference).",
@@ -136,6 +141,7 @@ class ServeMetrics:
                 self.batch_size,
                 self.batch_requests,
                 self.nonfinite_inputs,
+                self.backend_restarts,
                 self.rest_requests,
                 self.rest_latency,
             )
