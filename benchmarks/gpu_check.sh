@@ -9,15 +9,23 @@
 #      and top-1 of both engines against FP32 ONNX Runtime at batch 1, 7, 64 and 128 (before the
 #      bench: NVIDIA/TensorRT#2299), then bench against the plain-ViT engine built with the same
 #      settings, and if time remains the FP16 engine without the score islands
+#   2b. TensorRT FP16, the old EViT graph against the new (issue 21): the graph from before the
+#      fusion-friendly export (benchmarks/old_graph.py: explicit softmax(QK^T) in the drop blocks,
+#      torch.gather with a broadcast index) built like the new one, then both and their plain ViT
+#      timed interleaved at batch 1 and 64 with a per-layer profile (benchmarks/trt_graph_profile.py:
+#      IProfiler times per layer type and for the drop machinery)
 #   3. PyTorch CUDA fp16, eager and torch.compile: deit_small EViT keep 0.7 vs plain ViT at batch 64
 #   4. FP16 and EViT's token choice: FP16 scores vs FP32 scores (PyTorch on the GPU)
 # Parts whose requirements are missing (no GPU, no TensorRT, a Python module that does not import:
 # onnx and onnxruntime are needed by the TensorRT part only) are skipped with one line saying why,
 # and the rest is measured. Every step, the preflight included, runs under a timeout, and the
-# whole run stays within GPU_CHECK_BUDGET_S seconds (default 570, 9.5 minutes).
+# whole run stays within GPU_CHECK_BUDGET_S seconds (default 570, 9.5 minutes). GPU_CHECK_ONLY
+# names the parts to run (doctor, tensorrt, graphs (2b), pytorch, scores; comma-separated), so
+# that a part the budget would cut off gets a run of its own.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]     (default: $OUT/gpu_check, else a temp folder)
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
+#   GPU_CHECK_ONLY=graphs bash benchmarks/gpu_check.sh     (2b alone)
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -77,6 +85,7 @@ print("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
 parts = {"doctor": ["evit_deploy.cli"], "pytorch": ["gpu_torch_fp16"], "scores": ["fp16_topk_scores"]}
 if importlib.util.find_spec("tensorrt") is not None:
     parts["tensorrt"] = ["onnx", "onnxscript", "onnxruntime", "evit_deploy.cli", "trt_kept_tokens", "trt_layer_precisions"]
+    parts["graphs"] = [*parts["tensorrt"], "old_graph", "trt_graph_profile"]
 for part, modules in parts.items():
     reason = "ok"
     for module in modules:
@@ -97,8 +106,16 @@ if [ $status -ne 0 ]; then
 fi
 TORCH="$(echo "$PREFLIGHT" | sed -n 's/^torch //p')"
 CUDA="$(echo "$PREFLIGHT" | sed -n 's/^cuda //p')"
-# why NAME: "" when the part's modules import, else the reason to skip it
-why() { echo "$PREFLIGHT" | sed -n "s/^part $1 //p" | sed 's/^ok$//'; }
+# why NAME: "" when the part's modules import and GPU_CHECK_ONLY (if set) lists it, else the
+# reason to skip it
+why() {
+    local reason
+    reason="$(echo "$PREFLIGHT" | sed -n "s/^part $1 //p" | sed 's/^ok$//')"
+    if [ -z "$reason" ] && [ -n "${GPU_CHECK_ONLY:-}" ] && [[ ",$GPU_CHECK_ONLY," != *",$1,"* ]]; then
+        reason="not in GPU_CHECK_ONLY ($GPU_CHECK_ONLY)"
+    fi
+    echo "$reason"
+}
 say "torch $TORCH; modules import without onnxslim and safetensors where no reason is given below"
 
 # 1. Environment.
@@ -137,8 +154,30 @@ tensorrt_steps() {
     return 0
 }
 
+# The old and the new EViT graph in TensorRT FP16 (after tensorrt_steps, which exported the new
+# graph and built its engine and the plain ViT's; whatever is missing is made here).
+tensorrt_graph_steps() {
+    local new="$WORK/deit_small_keep0.7.onnx" old="$WORK/old_evit.onnx"
+    local engine_args=(--opt-batch 64 --max-batch 128 --detailed-profile)
+    if [ ! -f "$new" ]; then
+        step export 150 40 "$PY" -m evit_deploy export --model deit_small_patch16_224 --keep-rate 0.7 \
+            --with-token-indices -o "$new" || return
+    fi
+    if [ ! -f "$WORK/evit.fp16.plan" ]; then
+        step build-engine-fp16 200 60 "$PY" -m evit_deploy build-engine "$new" -o "$WORK/evit.fp16.plan" \
+            "${engine_args[@]}" || return
+    fi
+    step export-old-graph 150 40 "$PY" benchmarks/old_graph.py --model deit_small_patch16_224 --keep-rate 0.7 \
+        --with-token-indices -o "$old" || return
+    step build-engine-fp16-old 200 60 "$PY" -m evit_deploy build-engine "$old" -o "$WORK/old_evit.fp16.plan" \
+        "${engine_args[@]}" || return
+    step tensorrt-old-vs-new 300 90 "$PY" benchmarks/trt_graph_profile.py "new=$WORK/evit.fp16.plan:$new" \
+        "old=$WORK/old_evit.fp16.plan:$old" --batches 1,64 --min-seconds 2 --json "$RESULTS/tensorrt_old_vs_new.json"
+}
+
 if [ -z "$CUDA" ]; then
     skip "tensorrt" "no CUDA GPU"
+    skip "tensorrt-old-vs-new" "no CUDA GPU (TensorRT FP16, the old EViT graph against the new, per-layer profile)"
     skip "pytorch-cuda-fp16" "no CUDA GPU visible to PyTorch $TORCH (eager and torch.compile)"
     skip "fp16-topk-scores" "no CUDA GPU (on CPU: python benchmarks/fp16_topk_scores.py --device cpu, minutes)"
 else
@@ -150,6 +189,13 @@ else
         skip "tensorrt" "$(why tensorrt)"
     else
         tensorrt_steps
+    fi
+    if ! echo "$PREFLIGHT" | grep -q '^part tensorrt '; then
+        skip "tensorrt-old-vs-new" "TensorRT is not installed"
+    elif [ -n "$(why graphs)" ]; then
+        skip "tensorrt-old-vs-new" "$(why graphs)"
+    else
+        tensorrt_graph_steps
     fi
     # 3. PyTorch CUDA fp16, eager, then compiled (separately: a failing compiler keeps the eager numbers).
     if [ -n "$(why pytorch)" ]; then

@@ -27,8 +27,8 @@ PRECISIONS = {
                   ("onnxruntime", "openvino", "tensorrt", "pytorch"), ("openvino",)),
         Precision(FP16, "float16 weights and compute, the TopK score path kept in FP32",
                   ("export", "build-engine"), ("onnxruntime", "tensorrt", "pytorch")),
-        Precision(BF16, "bfloat16 compute chosen when OpenVINO compiles an FP32 model, the TopK "
-                  "score path pinned to FP32", (), (), ("openvino",)),
+        Precision(BF16, "bfloat16 compute chosen when OpenVINO compiles a model (all of an FP32 one, "
+                  "the float parts of an INT8 one), the TopK score path pinned to FP32", (), (), ("openvino",)),
         Precision(INT8, "int8 weights (and activations, by quantization method), the TopK score "
                   "path left in float", ("quantize",), ("onnxruntime", "openvino")),
     )
@@ -43,6 +43,15 @@ def written_by(step: str) -> tuple[str, ...]:
 def chosen_at_load(backend: str) -> tuple[str, ...]:
     """The precisions `backend` can be asked to compute in when it loads a model."""
     return tuple(name for name, p in PRECISIONS.items() if backend in p.chosen_at_load)
+
+
+def run_precision(artifact: str, compute: str) -> str:
+    """How a model runs, as backends report it: an FP32 file at the precision chosen at load; a
+    reduced one as it is, or with its float parts' precision when that is not FP32 ('int8+bf16':
+    the INT8 multiplies as quantized, everything else in BF16)."""
+    if artifact == FP32:
+        return compute
+    return artifact if compute == FP32 else f"{artifact}+{compute}"
 
 
 def check_precision(precision: str, choices: tuple[str, ...], where: str) -> str:

@@ -741,14 +741,20 @@ def test_island_precisions_of_an_engine_read_back_with_the_inspector(traced_onnx
     assert result.verdict is Verdict.PASS and len(result.fp32) == 21 and result.not_fp32 == {} and result.not_visible == []
 
 
-def run_layer_precision_script(*argv: str) -> int:
-    """benchmarks/trt_layer_precisions.py's main() with these arguments."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "trt_layer_precisions.py"
-    spec = importlib.util.spec_from_file_location("trt_layer_precisions", path)
+def benchmark_script(name: str) -> types.ModuleType:
+    """benchmarks/NAME.py as a module (its main() not run)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_layer_precision_script(*argv: str) -> int:
+    """benchmarks/trt_layer_precisions.py's main() with these arguments."""
+    module = benchmark_script("trt_layer_precisions")
     argv_before = sys.argv
-    sys.argv = [str(path), *argv]
+    sys.argv = [module.__file__, *argv]
     try:
         return module.main()
     finally:
@@ -770,6 +776,31 @@ def test_layer_precision_script_tells_no_evidence_from_a_pass(traced_onnx, tmp_p
     assert run_layer_precision_script(str(traced_onnx), str(engine), "--json", str(tmp_path / "r.json")) == code
     assert f"topk_scores: {verdict}: " in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["verdict"] == verdict.lower()
+
+
+def test_graph_profile_script_sums_layer_times_by_type_and_drop_part(traced_onnx, tmp_path, fake_build_environment, monkeypatch):
+    """gpu_check.sh's old-against-new graph profile: TensorRT's IProfiler times per layer per
+    inference (the warm-up run not counted), summed by the inspector's layer types and by the drop
+    machinery's parts, told by the ONNX node names a layer's name lists."""
+    from evit_deploy.runtime.tensorrt_backend import TensorRTBackend
+
+    trt = fake_build_environment("11.1.0")
+    for name in ("Stream", "Event"):
+        monkeypatch.setattr(torch.cuda, name, CpuStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: CpuStream())
+    settings = BuildSettings("fp32", BatchProfile(1, 4, 8), detailed_profile=True, timing_cache=str(tmp_path / "c"))
+    backend = TensorRTBackend(engines_trt.build_engine(traced_onnx, tmp_path / "t.plan", settings).path)
+    backend.device = torch.device("cpu")
+    nodes = onnx.load(str(traced_onnx)).graph.node
+    parts = {n.name: "scores" if "/class_attention/" in n.name else "reorganize" if "/reorganize/" in n.name else "" for n in nodes}
+    script = benchmark_script("trt_graph_profile")
+    profile = script.layer_profile(backend, script.attach_profiler(backend), np.zeros((2, 3, 64, 64), np.float32), 3, parts)
+    assert profile["total_ms"] == pytest.approx(trt.LAYER_MS * len(nodes)) == pytest.approx(sum(profile["by_type"].values()))
+    assert profile["by_type"]["SOFTMAX"] == pytest.approx(trt.LAYER_MS * sum(n.op_type == "Softmax" for n in nodes))
+    counts = {part: sum(p == part for p in parts.values()) for part in ("scores", "reorganize")}
+    assert all(counts.values()) and profile["drop_ms"] == pytest.approx({k: trt.LAYER_MS * v for k, v in counts.items()})
+    fused = "/blocks.3/attn/class_attention/Softmax + /blocks.3/mlp/fc1/MatMul"  # one score node, one not
+    assert script.drop_part(fused, parts) == "" and script.drop_part("{ForeignNode[/blocks.3/reorganize/TopK...]}", parts) == "reorganize"
 
 
 def test_baseline_engine_gets_the_islands_of_an_fp16_export(traced_onnx, tmp_path, fake_build_environment, monkeypatch):

@@ -1,5 +1,6 @@
 """The openvino backend: chosen where a backend is chosen, the same logits as ONNX Runtime in FP32,
-BF16 only where the CPU has it, and the TopK score path kept in FP32 inside a BF16 model."""
+BF16 only where the CPU has it, and the TopK score path kept in FP32 inside a BF16 model (an INT8
+model's float parts in BF16 too)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,51 @@ def test_validation_runner_runs_what_the_backend_runs(onnx_file, batch, fp32_top
     assert np.array_equal(outputs.logits, deployed)
     k = Predictor(onnx_file).metadata.topk_k
     assert [i.shape for i in outputs.indices] == [(4, size) for size in k]
+
+
+@pytest.fixture(scope="module")
+def int8_file(onnx_file, tmp_path_factory):
+    """The test model quantized statically (QDQ, ranges from seeded noise: only the structure is
+    judged here), its score path and fused token left in float as quantize leaves them."""
+    from dataclasses import replace
+
+    import onnx
+
+    from evit_deploy.export.quantize import quantize_graph
+    from evit_deploy.export.score_path import fused_token_nodes
+    from evit_deploy.metadata import onnx_metadata, stamp_metadata
+
+    model = onnx.load(str(onnx_file))
+    meta = onnx_metadata(model, onnx_file)
+    exclude = score_path_nodes(model) + fused_token_nodes(model)
+    quantized, _ = quantize_graph(model, "static", meta, lambda: iter([random_images(2, seed=9)]), exclude)
+    stamp_metadata(quantized, replace(meta, precision="int8"))
+    path = tmp_path_factory.mktemp("int8") / "static.int8.onnx"
+    onnx.save(quantized, str(path))
+    return path
+
+
+def layer_precisions(backend: OpenVINOBackend) -> dict[str, set[str]]:
+    """Compiled layer type -> the precisions its nodes run in."""
+    found: dict[str, set[str]] = {}
+    for op in backend.compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        found.setdefault(info["layerType"].astype(str), set()).add(info["runtimePrecision"].astype(str))
+    return found
+
+
+@needs_bf16
+def test_int8_float_parts_run_in_bf16_when_asked(int8_file):
+    """An INT8 file's multiplies run in INT8 under either hint; the hint decides the float parts
+    (layer norms above all): FP32 by default, BF16 with --precision bf16, the score path still
+    pinned to FP32."""
+    default = OpenVINOBackend(int8_file)
+    mixed = OpenVINOBackend(int8_file, precision="bf16")
+    assert default.precision == "int8" and mixed.precision == "int8+bf16"
+    for backend in (default, mixed):
+        assert layer_precisions(backend)["FullyConnected"] <= {"u8", "i8"}
+    assert layer_precisions(default)["MVN"] == {"f32"} and layer_precisions(mixed)["MVN"] == {"bf16"}
+    assert mixed.fp32_topk_scores and set(mixed.score_path_precisions().values()) == {"f32"}
 
 
 def test_cli_predict_and_errors(onnx_file):

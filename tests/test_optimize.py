@@ -15,9 +15,10 @@ from evit_deploy.bench import optimize as optimize_module
 from evit_deploy.bench.optimize import NothingPassed, optimize, plan_candidates
 from evit_deploy.data.shapes import write_dataset
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.validate import Gates
+from evit_deploy.export.validate import GATES, Gates
 from evit_deploy.metadata import read_onnx_metadata
 from evit_deploy.runtime import Predictor
+from evit_deploy.runtime.cpu_features import probe_cpu
 from evit_deploy.runtime.deployment import DEPLOYMENT_FILE, read_deployment, resolve_artifact
 
 SHIPPED = Path(evit_deploy.__file__).parent / "assets" / "shapes" / "shapes_evit_tiny.safetensors"
@@ -30,6 +31,11 @@ def test_candidates_say_why_this_machine_skips_them():
     names = [c.name for c in everything]
     assert names[:3] == ["ONNX Runtime FP32", "OpenVINO FP32", "OpenVINO BF16"]
     assert {"ONNX Runtime INT8 (static)", "OpenVINO INT8 (nncf)", "ONNX Runtime CUDA FP16"} <= set(names)
+    # the calibrated INT8 files also with their float parts in BF16 (the dynamic one's multiplies
+    # run in FP32 on OpenVINO, so it gains nothing there)
+    mixed = {c.name: c for c in everything if c.precision == "int8+bf16"}
+    assert sorted(mixed) == ["OpenVINO INT8 (nncf) + BF16", "OpenVINO INT8 (static) + BF16"]
+    assert all(c.backend == "openvino" and c.options == {"precision": "bf16"} and c.method for c in mixed.values())
     bare = {c.name: c.skipped for c in plan_candidates(False, "no AVX-512 BF16 or AMX", False, False, False)}
     assert bare["ONNX Runtime FP32"] == "" and bare["ONNX Runtime INT8 (dynamic)"] == ""
     assert "OpenVINO is not installed" in bare["OpenVINO FP32"]
@@ -37,6 +43,9 @@ def test_candidates_say_why_this_machine_skips_them():
     assert "no CUDA GPU" in bare["ONNX Runtime CUDA FP32"]
     no_bf16 = {c.name: c.skipped for c in plan_candidates(False, "no AVX-512 BF16 or AMX", True, True, False)}
     assert no_bf16["OpenVINO BF16"] == "no AVX-512 BF16 or AMX" and no_bf16["OpenVINO FP32"] == ""
+    assert no_bf16["OpenVINO INT8 (dynamic)"] == "" and "--calibration" in no_bf16["OpenVINO INT8 (nncf) + BF16"]
+    calibrated = {c.name: c.skipped for c in plan_candidates(True, "no AVX-512 BF16 or AMX", True, True, False)}
+    assert calibrated["OpenVINO INT8 (nncf)"] == "" and calibrated["OpenVINO INT8 (nncf) + BF16"] == "no AVX-512 BF16 or AMX"
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +128,26 @@ def test_serve_runs_the_folder_as_recorded(deployed, held_out):
     with Predictor(output) as predictor:
         local = predictor.predict([image], topk=1)[0]
     assert served["class_ids"] == local.class_ids
+
+
+@pytest.mark.skipif(not probe_cpu().bf16, reason="this CPU has no native BF16")
+def test_int8_with_bf16_float_parts_is_judged_and_deployed_as_it_runs(held_out, tmp_path, monkeypatch):
+    """The INT8 (nncf) file run with its float parts in BF16: judged by the INT8 gates' numbers
+    as OpenVINO runs it (score path FP32), and deployed with the option that makes it so."""
+    pytest.importorskip("nncf")
+    plan = [c for c in plan_candidates(True, None, True, True, False) if c.name == "OpenVINO INT8 (nncf) + BF16"]
+    monkeypatch.setattr(optimize_module, "this_machine_candidates", lambda calibration: plan)
+    calibration = write_dataset(tmp_path / "calibration", 16, seed=7)
+    result = optimize(SHIPPED, held_out, tmp_path / "out", calibration=calibration, min_seconds=0.05)
+    chosen = result.chosen
+    assert chosen is plan[0] and chosen.passed, chosen.report.failure_summary()
+    record = json.loads((tmp_path / "out" / DEPLOYMENT_FILE).read_text())
+    assert record["precision"] == "int8+bf16" and record["options"] == {"precision": "bf16"}
+    assert record["gates"] == {**GATES["int8"].to_dict(), "precision": "int8+bf16"}
+    assert read_onnx_metadata(chosen.artifact).precision == "int8"
+    with Predictor(tmp_path / "out") as predictor:
+        assert predictor.backend.precision == "int8+bf16"
+        assert set(predictor.backend.score_path_precisions().values()) == {"f32"}
 
 
 def test_nothing_is_written_when_no_candidate_passes(held_out, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 from evit_deploy.engines.settings import BuildSettings
 from evit_deploy.errors import UsageError
 from evit_deploy.export.onnx import check_export_precision
-from evit_deploy.precisions import PRECISIONS, check_precision, chosen_at_load, written_by
+from evit_deploy.precisions import PRECISIONS, check_precision, chosen_at_load, run_precision, written_by
 from evit_deploy.runtime.openvino_backend import check_inference_precision
 
 
@@ -18,6 +18,9 @@ def test_the_table_says_which_step_writes_and_which_backend_chooses_each_precisi
     assert written_by("quantize") == ("int8",)
     assert chosen_at_load("openvino") == ("fp32", "bf16")
     assert chosen_at_load("onnxruntime") == ()
+    # how a model runs: an FP32 file at the chosen precision, an INT8 one with its float parts'
+    assert [run_precision("fp32", "bf16"), run_precision("int8", "fp32"), run_precision("int8", "bf16")] == [
+        "bf16", "int8", "int8+bf16"]
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from evit_deploy.metadata import read_onnx_metadata
 from evit_deploy.model.config import Preprocessing
 from evit_deploy.export.quantize import calibration_set, quantize_onnx
 from evit_deploy.export.validate import ValidationFailed
-from evit_deploy.export.score_path import score_path_nodes
+from evit_deploy.export.score_path import fused_token_nodes, score_path_nodes
 from evit_deploy.export.validate import GATES, Gates
 from evit_deploy.runtime import Predictor
 
@@ -77,6 +77,40 @@ def test_score_path_found_by_structure_not_names(shapes_onnx):
     assert all(node.name for node in renamed.graph.node)  # unnamed nodes got names
 
 
+def test_fused_token_found_by_structure(shapes_onnx, onnx_export):
+    """The fused token's MatMul reads the scores TopK ranks (through the scatter that zeroes the
+    kept ones); without token fusion there is none."""
+    model = onnx.load(str(shapes_onnx))
+    nodes = {node.name: node for node in model.graph.node}
+    found = fused_token_nodes(model)
+    assert len(found) == 3 and all(nodes[name].op_type == "MatMul" for name in found)
+    assert not set(found) & set(score_path_nodes(model))
+    unfused = onnx.load(str(onnx_export(config_for(fuse_token=False)).path))
+    assert fused_token_nodes(unfused) == [] and len(score_path_nodes(unfused)) >= 15
+
+
+def test_nncf_leaves_scores_and_fused_token_in_float(shapes_onnx, folders, tmp_path):
+    """NNCF's transformer preset would put Quantize/Dequantize pairs in front of the fused token's
+    MatMul (rounding the scores and the dropped tokens to 8 bits), which OpenVINO runs in float
+    anyway."""
+    pytest.importorskip("nncf")
+    out = tmp_path / "nncf.int8.onnx"
+    result = quantize_onnx(
+        shapes_onnx, out, method="nncf", calibration_dir=folders / "calibration",
+        validate_dir=folders / "held_out", gates=REPORTED,
+    )
+    graph = onnx.load(str(out)).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    nodes = {node.name: node for node in graph.node}
+    fused_token = fused_token_nodes(onnx.load(str(shapes_onnx)))
+    for name in fused_token:
+        sources = [producers.get(i) for i in nodes[name].input]
+        assert not any(s is not None and s.op_type == "DequantizeLinear" for s in sources), name
+    assert set(fused_token) <= set(result.excluded)
+    # the multiplies with weights are quantized
+    assert sum(node.op_type == "DequantizeLinear" for node in graph.node) >= 48
+
+
 def test_correct_int8_is_written_with_its_numbers_and_provenance(shapes_onnx, folders, tmp_path):
     out = tmp_path / "dynamic.int8.onnx"
     result = quantize_onnx(
@@ -91,7 +125,10 @@ def test_correct_int8_is_written_with_its_numbers_and_provenance(shapes_onnx, fo
     assert meta.precision == "int8" and meta.classes == list(CLASSES)
     q = meta.quantization
     assert q["method"] == "dynamic" and q["calibration"] is None and q["weights"] == "int8 per channel"
-    assert q["fp32_nodes"] == {"topk_score_path": len(result.excluded)} and len(result.excluded) >= 15
+    source = onnx.load(str(shapes_onnx))
+    score_path, fused_token = score_path_nodes(source), fused_token_nodes(source)
+    assert q["fp32_nodes"] == {"topk_score_path": len(score_path), "fused_token": 3} and len(score_path) >= 15
+    assert result.excluded == score_path + fused_token
     assert meta.validation["passed"] and not meta.validation["accepted_failed_gates"]
     assert meta.validation["gates"] == REPORTED.to_dict() and meta.validation["held_out"]["images"] == 16
     # held-out shapes images list their objects: object recall is measured for both models
@@ -136,7 +173,7 @@ def test_broken_int8_misses_the_gates_and_writes_nothing(shapes_onnx, folders, t
     calibration = meta.quantization["calibration"]
     assert calibration["images"] == 4 and calibration["folder"].endswith("black")
     assert calibration["files_sha256"] == calibration_set(folders / "black").digest
-    assert meta.quantization["fp32_nodes"] == {"topk_score_path": 0}
+    assert meta.quantization["fp32_nodes"] == {"topk_score_path": 0, "fused_token": 0}
 
 
 def test_cli_one_line_when_a_gate_is_missed(shapes_onnx, folders, tmp_path):

@@ -3,8 +3,9 @@
 The answer depends on the machine (AMX, AVX-512 BF16, VNNI or none of them), so it is measured
 here instead of read from a table. Candidates are every (runtime, precision) this machine runs:
 ONNX Runtime FP32 (the reference's own path), OpenVINO FP32 and, where the CPU has it natively,
-BF16; INT8 by each quantization method on ONNX Runtime and OpenVINO; with a CUDA GPU, ONNX Runtime
-CUDA FP32 and FP16. Each is judged against the FP32 ONNX on ONNX Runtime by the gates of its
+BF16; INT8 by each quantization method on ONNX Runtime and OpenVINO, and on OpenVINO with native
+BF16 the calibrated INT8 files with their float parts in BF16 (INT8_BF16_METHODS); with a CUDA GPU,
+ONNX Runtime CUDA FP32 and FP16. Each is judged against the FP32 ONNX on ONNX Runtime by the gates of its
 precision on held-out images (export/validate.py), then all are timed at one batch size, each
 beside its plain ViT at the same precision, interleaved with the reference (plain FP32 on ONNX
 Runtime). The fastest that passes is written with deployment.json (runtime/deployment.py).
@@ -31,7 +32,7 @@ from evit_deploy.export.quantize import METHODS, quantize_onnx
 from evit_deploy.export.validate import ValidationReport, gates_for, onnx_runner, validate
 from evit_deploy.fileio import atomic_folder, occupied
 from evit_deploy.metadata import load_onnx, onnx_metadata, read_onnx_metadata, stamp_metadata
-from evit_deploy.precisions import BF16, FP16, FP32, INT8
+from evit_deploy.precisions import BF16, FP16, FP32, INT8, run_precision
 from evit_deploy.runtime.backends import load_backend
 from evit_deploy.runtime.cpu_features import missing_bf16, probe_cpu
 from evit_deploy.runtime.deployment import DEPLOYMENT_FILE, FORMAT, VERSION, this_machine
@@ -39,6 +40,10 @@ from evit_deploy.runtime.deployment import DEPLOYMENT_FILE, FORMAT, VERSION, thi
 DEFAULT_BATCH = 8
 DEFAULT_MIN_SECONDS = 2.0
 CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
+# INT8 files OpenVINO runs with BF16 float parts: those whose multiplies it runs in INT8 (QDQ).
+# Under the FP32 hint their layer norms, GELU, softmax and attention run in FP32 where the BF16
+# candidate runs them in BF16; a dynamic file's multiplies run in FP32 on OpenVINO either way.
+INT8_BF16_METHODS = ("static", "nncf")
 
 
 @dataclass
@@ -47,7 +52,7 @@ class Candidate:
 
     name: str  # "OpenVINO BF16", "ONNX Runtime INT8 (dynamic)"
     backend: str  # onnxruntime | openvino
-    precision: str
+    precision: str  # as the backend reports it (run_precision): fp32, bf16, int8, int8+bf16, fp16
     method: str | None = None  # INT8: the quantization method
     options: dict = field(default_factory=dict)  # load_backend options, as deployment.json records them
     cuda: bool = False
@@ -141,6 +146,10 @@ def plan_candidates(
         candidates.append(Candidate(f"ONNX Runtime INT8 ({method})", "onnxruntime", INT8, method, skipped=needs))
         candidates.append(Candidate(f"OpenVINO INT8 ({method})", "openvino", INT8, method,
                                     options={"precision": FP32}, skipped=needs or no_openvino))
+        if method in INT8_BF16_METHODS:
+            candidates.append(Candidate(f"OpenVINO INT8 ({method}) + BF16", "openvino", run_precision(INT8, BF16),
+                                        method, options={"precision": BF16},
+                                        skipped=needs or no_openvino or (bf16_problem or "")))
     no_cuda = "" if cuda else "no CUDA GPU for ONNX Runtime here"
     candidates.append(Candidate("ONNX Runtime CUDA FP32", "onnxruntime", FP32, options={"providers": list(CUDA)},
                                 cuda=True, skipped=no_cuda))
@@ -246,7 +255,7 @@ def judge(candidates, fp32: Path, work: Path, validate_dir, calibration, on_step
         step = f"judging {index}/{len(candidates)}: {candidate.name}"
         on_step(step)
         stage = lambda text, total=None: on_step(f"{step}: {text}", total)  # noqa: E731
-        if candidate.precision == INT8 and candidate.method not in quantized:
+        if candidate.method and candidate.method not in quantized:
             path = work / f"{fp32.stem}.int8.{candidate.method}.onnx"
             done = quantize_onnx(  # judged on ONNX Runtime as it quantizes
                 fp32, path, method=candidate.method, calibration_dir=calibration, validate_dir=validate_dir,
@@ -256,7 +265,7 @@ def judge(candidates, fp32: Path, work: Path, validate_dir, calibration, on_step
             if candidate.backend == "onnxruntime":
                 candidate.artifact, candidate.report, candidate.file_bytes = path, done.report, done.size_bytes
                 continue
-        if candidate.precision == INT8:
+        if candidate.method:
             candidate.artifact = quantized[candidate.method]
         elif candidate.precision == FP16:
             candidate.artifact = fp16_copy(fp32, work)

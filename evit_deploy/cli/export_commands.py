@@ -167,7 +167,8 @@ def quantize(
         )
     calibration_info = meta.quantization.get("calibration")
     console.print(f"[bold green]quantized[/] {escape(str(result.path))} ({result.size_bytes / 2**20:.1f} MiB, int8, {method})", highlight=False)
-    console.print(f"kept in float   TopK score path: {len(result.excluded)} nodes", highlight=False)
+    fp32 = meta.quantization["fp32_nodes"]
+    console.print(f"kept in float   TopK score path: {fp32['topk_score_path']} nodes, fused token: {fp32['fused_token']}", highlight=False)
     if calibration_info:
         console.print(f"calibration     {escape(calibration_info['folder'])} ({calibration_info['images']} images)", highlight=False)
     console.print(f"next            evit-deploy bench {escape(str(result.path))} --batch 1,8", soft_wrap=True, highlight=False)

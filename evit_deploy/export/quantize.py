@@ -12,7 +12,9 @@ Methods (all write an ONNX that ONNX Runtime and OpenVINO both run):
 
 In every method the nodes that compute the TopK scores (each drop block's Q.K^T MatMul, softmax,
 class-row slice, head mean and TopK, found by structure: evit_deploy.export.score_path) stay
-unquantized: INT8 rounding there would change which tokens are kept.
+unquantized: INT8 rounding there would change which tokens are kept. So does the fused token's
+MatMul, which weighs the dropped tokens by those scores: NNCF would otherwise round the scores and
+tokens to 8 bits in front of it, and OpenVINO still runs that MatMul in float (a [1, N] row).
 
 The result is validated against the FP32 file with export's machinery (validate, GATES['int8'],
 judged on the held-out --validate-dir). A file that misses a gate is not written unless the caller
@@ -34,7 +36,7 @@ import numpy as np
 import onnx
 
 from evit_deploy.errors import EvitDeployError, UsageError
-from evit_deploy.export.score_path import score_path_nodes
+from evit_deploy.export.score_path import fused_token_nodes, score_path_nodes
 from evit_deploy.export.validate import GATES, Gates, ValidationFailed, ValidationReport, onnx_runner, validate
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
 from evit_deploy.metadata import ArtifactMetadata, load_onnx, onnx_metadata, stamp_metadata
@@ -240,9 +242,11 @@ def quantize_onnx(
     meta = onnx_metadata(fp32, model_path)
     if meta.precision != FP32:
         raise UsageError(f"{Path(model_path).name} is already {meta.precision}; quantize the FP32 export")
-    exclude = score_path_nodes(fp32) if exclude_score_path else []
-    if meta.topk_k and exclude_score_path and not exclude:
+    score_path = score_path_nodes(fp32) if exclude_score_path else []
+    if meta.topk_k and exclude_score_path and not score_path:
         raise EvitDeployError("found no TopK score path to keep in float (was the graph edited?)")
+    fused_token = fused_token_nodes(fp32) if exclude_score_path else []
+    exclude = score_path + fused_token
     on_step(f"quantizing ({method})")
     batches = (lambda: calibration_batches(calibration, meta)) if calibration else None
     quantized, settings = quantize_graph(fp32, method, meta, batches, exclude)
@@ -262,7 +266,7 @@ def quantize_onnx(
         "method": method,
         **settings,
         "calibration": calibration.to_dict() if calibration else None,
-        "fp32_nodes": {"topk_score_path": len(exclude)},
+        "fp32_nodes": {"topk_score_path": len(score_path), "fused_token": len(fused_token)},
         "source": {"file": Path(model_path).name, "weights": meta.weights},
     }
     validation = {**report.record(validate_dir), "accepted_failed_gates": not report.passed}

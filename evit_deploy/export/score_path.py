@@ -4,8 +4,10 @@ Found by structure, not by name (the torch.export-based exporter generates node 
 TopK back to the nearest Softmax, and from that Softmax back to the Q.K^T MatMul. A reduced
 precision keeps these nodes in FP32: the FP16 conversion makes them an FP32 island
 (export/precision.py), INT8 quantization excludes them, OpenVINO BF16 pins them, TensorRT's
-inspector is asked about them. OpenVINO rewrites the graph into its own ops, so the walk works on
-a plain description of any graph (LayerInfo); `onnx_layers` describes an ONNX graph that way.
+inspector is asked about them. The fused token weighs the dropped tokens by the same scores, so
+INT8 quantization leaves its multiply in float too (`fused_token_nodes`). OpenVINO rewrites the
+graph into its own ops, so the walks work on a plain description of any graph (LayerInfo);
+`onnx_layers` describes an ONNX graph that way.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
 ONNX_KINDS = {"TopK": "TOPK", "Softmax": "SOFTMAX", "MatMul": "MATRIX_MULTIPLY", "Constant": "CONSTANT"}
 MAX_SCORE_DEPTH = 12  # layers between a TopK and its softmax (reshapes, slices, reduces)
 MAX_LOGIT_DEPTH = 4  # layers between the softmax and the Q.K^T multiply (the scale)
+MAX_FUSE_DEPTH = 3  # layers between the scores and the fused token's multiply (scatter, unsqueeze)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,34 @@ def _path_to(
     return None
 
 
+def fused_token_layers(layers: Sequence[LayerInfo]) -> list[str]:
+    """The matrix multiplies that read what a TopK ranks other than through the TopK: the fused
+    token, the dropped tokens summed with their scores as weights (at most MAX_FUSE_DEPTH layers
+    downstream of the scores), in the order of `layers`."""
+    producers = {out: layer for layer in layers for out in layer.outputs}
+    readers: dict[str, list[LayerInfo]] = {}
+    for layer in layers:
+        for name in layer.inputs:
+            if name:
+                readers.setdefault(name, []).append(layer)
+    topks = [layer for layer in layers if layer.kind == "TOPK"]
+    scores = [producers[t.inputs[0]] for t in topks if t.inputs[0] in producers]
+    seen = {layer.name for layer in [*topks, *scores]}
+    frontier = deque((layer, 0) for layer in scores)
+    found = set()
+    while frontier:
+        layer, depth = frontier.popleft()
+        for reader in (r for out in layer.outputs for r in readers.get(out, ())):
+            if reader.name in seen:
+                continue
+            seen.add(reader.name)
+            if reader.kind == "MATRIX_MULTIPLY":
+                found.add(reader.name)
+            elif depth + 1 < MAX_FUSE_DEPTH:
+                frontier.append((reader, depth + 1))
+    return [layer.name for layer in layers if layer.name in found]
+
+
 def name_nodes(model: onnx.ModelProto) -> None:
     """Give every unnamed node a unique name (tools that exclude nodes address them by name)."""
     taken = {node.name for node in model.graph.node if node.name}
@@ -118,6 +149,13 @@ def score_path_nodes(model: onnx.ModelProto) -> list[str]:
     island). Unnamed nodes are named first (in place)."""
     name_nodes(model)
     return topk_score_nodes(model)
+
+
+def fused_token_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the ONNX MatMul nodes that read the TopK scores as weights (the fused token), in
+    graph order; none without token fusion. Unnamed nodes are named first (in place)."""
+    name_nodes(model)
+    return fused_token_layers(onnx_layers(model))
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -17,6 +17,12 @@ evit_deploy.export.score_path) stays in FP32:
   one round trip through a temporary IR before it is compiled.
 
 Whether it worked is read back from the compiled model (`score_path_precisions`).
+
+An INT8 file (QDQ: static, nncf) runs its quantized multiplies in INT8 whatever the hint; the hint
+decides the rest (layer norms, GELU, softmax, attention's float parts, reorders). With the default
+FP32 those run in FP32 where the BF16 model runs them in BF16; BF16 runs them in BF16 too, with the
+same score-path pin ('int8+bf16'). A dynamically quantized file (MatMulInteger) gains nothing from
+INT8 here: the plugin converts the integers back and runs its multiplies in FP32.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from evit_deploy.export.validate import Outputs, Runner
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.install import OPENVINO_INSTALL
 from evit_deploy.metadata import ArtifactMetadata
-from evit_deploy.precisions import BF16, FP32, check_precision, chosen_at_load
+from evit_deploy.precisions import BF16, FP32, check_precision, chosen_at_load, run_precision
 from evit_deploy.runtime.base import Backend, NodeTime, cpu_name
 
 HINTS = {FP32: "f32", BF16: BF16}
@@ -262,8 +268,7 @@ class OpenVINOBackend(Backend):
                     stacklevel=2,
                 )
         self.provider = "CPU" + (", TopK scores FP32" if self.fp32_topk_scores else "")
-        if self.metadata.precision != FP32:  # an INT8 (QDQ) file: its float parts run at `precision`
-            self.precision = f"{self.metadata.precision}+{precision}" if precision != FP32 else self.metadata.precision
+        self.precision = run_precision(self.metadata.precision, precision)
         self.device_name = cpu_name()
         self.output_port = self.compiled.output(self.metadata.output_name)
 

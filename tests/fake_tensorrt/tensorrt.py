@@ -39,6 +39,9 @@ pyGraph.cpp, python/src/parsers/pyOnnx.cpp) and include/NvInfer.h, release/10.16
   11.x inspector migration guide, which also replaced "Bindings" by "I/O Tensors").
   fuse_into_foreign_node = True makes the engine one Myelin region that shows only the graph's
   inputs and outputs, as TensorRT builds a ViT.
+- IProfiler (subclassed in Python, its __init__ called, as pyCore.cpp's trampoline asks): set as
+  an execution context's `profiler`, it is told each engine layer's time (report_layer_time(
+  layer_name, ms), LAYER_MS each here) after every execute_async_v3.
 
 Imported as `tensorrt` (put this folder first on the path) it reads, from the environment:
   FAKE_TENSORRT_VERSION    default 10.16.0
@@ -67,6 +70,7 @@ fail_parse = False
 fuse_into_foreign_node = False  # the engine is one Myelin region: only graph inputs/outputs visible
 damaged_timing_cache = "logs"  # what create_timing_cache does with damaged bytes: "logs", "none", "raises"
 PLAN_MAGIC = b"FAKE-TENSORRT-PLAN\n"  # followed by the engine's description as JSON
+LAYER_MS = 0.01  # every layer's time, as an IProfiler is told it
 
 
 class _Enum:
@@ -533,14 +537,24 @@ class ICudaEngine:
         return None
 
 
+class IProfiler:
+    def __init__(self):
+        pass
+
+    def report_layer_time(self, layer_name, ms):
+        pass
+
+
 class IExecutionContext:
     """Shapes and addresses as the real context takes them; execute_async_v3 checks that every
-    input shape and every I/O address is set, records the call and computes nothing."""
+    input shape and every I/O address is set, records the call, reports each layer's time to the
+    profiler if one is set, and computes nothing."""
 
     def __init__(self, engine: ICudaEngine):
         self.engine = engine
         self.input_shapes: dict[str, tuple] = {}
         self.addresses: dict[str, int] = {}
+        self.profiler: IProfiler | None = None
 
     def set_input_shape(self, name, shape):
         calls.append(("set_input_shape", name, tuple(shape)))
@@ -570,6 +584,8 @@ class IExecutionContext:
         if missing:
             _log(self.engine._logger, "ERROR", f"IExecutionContext::enqueueV3: Error Code 3: API Usage Error (tensor {missing[0]} has no address or shape)")
             return False
+        for layer in self.engine._description["layers"] if self.profiler else ():
+            self.profiler.report_layer_time(layer["Name"], LAYER_MS)
         return True
 
 
