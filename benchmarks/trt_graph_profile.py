@@ -26,6 +26,7 @@ from evit_deploy.bench.bench import interleaved_latencies
 from evit_deploy.bench.profile import drop_parts
 from evit_deploy.engines.layer_precisions import engine_layers
 from evit_deploy.runtime.tensorrt_backend import TensorRTBackend
+from records import warn_if_busy
 
 SEPARATORS = re.compile(r" \+ |\.\.\.|\{ForeignNode\[|\]\}")  # in TensorRT's fused layer names
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--profile-runs", type=int, default=20)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    warn_if_busy()  # the GPU's launches wait on a busy host CPU too
     engines, onnx_files = {}, {}
     for item in args.engines:
         name, _, paths = item.partition("=")
