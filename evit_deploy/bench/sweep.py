@@ -88,7 +88,7 @@ def sweep_variants(
         if source_kind == "onnxruntime" and k == metadata.keep_rate:
             artifact = path
         else:
-            on_step(f"exporting keep rate {k:g} (cached)")
+            on_step(f"exporting keep rate {float(k)!r} (cached)")
             artifact = cached_onnx(metadata, k)
         variants.append(Variant(k, artifact, "onnxruntime", options))
     return variants
