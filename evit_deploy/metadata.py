@@ -178,9 +178,28 @@ def load_onnx(path: str | Path):
 
     path = _onnx_file(path)
     try:
-        return onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise _unreadable(path) from exc
+    check_external_data(model, path)
+    return model
+
+
+def check_external_data(model, path: Path) -> None:
+    """Weights stored beside an ONNX file must stay in its folder: a location that leads out of it
+    (`../x.bin`, an absolute path) would read any file on the machine as weights."""
+    from onnx import TensorProto
+
+    folder = path.resolve().parent
+    for tensor in model.graph.initializer:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        if not (folder / location).resolve().is_relative_to(folder):
+            raise EvitDeployError(
+                f"{path}: the weights of {tensor.name} are stored outside its folder ({location}); "
+                "external data must be a file beside the model"
+            )
 
 
 def read_onnx_metadata(path: str | Path) -> ArtifactMetadata:

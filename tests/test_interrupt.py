@@ -163,3 +163,36 @@ def test_kill_mid_write_keeps_the_file_and_the_next_write_cleans_up(tmp_path):
     write_bytes_atomic(target, b"the next export", force=True)
     assert target.read_bytes() == b"the next export"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_quantize_keeps_the_previous_file(tmp_path, onnx_export, signum):
+    """Ctrl-C (or kill) while quantize quantizes: exit 130, the previous INT8 file as it was,
+    nothing else left in the folder (the quantizers' own temp folders included)."""
+    from conftest import config_for
+
+    from evit_deploy.data.shapes import write_dataset
+
+    model = onnx_export(config_for()).path
+    held_out = write_dataset(tmp_path / "held_out", 8, seed=2)
+    previous = tmp_path / "model.int8.onnx"
+    previous.write_bytes(PREVIOUS)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evit_deploy", "quantize", str(model), "--validate-dir", str(held_out),
+         "-o", previous.name, "--force"],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_sigint,
+    )
+    try:
+        first = proc.stderr.readline()  # the first stage line: quantizing has begun
+        assert first.startswith("quantizing (dynamic)"), first
+        time.sleep(0.3)
+        proc.send_signal(signum)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = [line for line in (first + rest).splitlines() if line.strip()]
+    assert proc.returncode == 130, (proc.returncode, rest)
+    assert lines[-1] == INTERRUPTED and "Traceback" not in rest, rest
+    assert previous.read_bytes() == PREVIOUS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held_out", "model.int8.onnx"]

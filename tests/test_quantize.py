@@ -9,6 +9,7 @@ loose enough to pass.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -210,3 +211,37 @@ def test_calibration_set_is_spread_and_digested(folders):
     assert len(full.files) == 16 and len(part.files) == 4 and set(part.files) <= set(full.files)
     assert part.digest != full.digest and part.digest == calibration_set(folders / "held_out", 4).digest
     assert json.dumps(part.to_dict())
+
+
+def with_external_weights(source, folder, location: str):
+    """A copy of `source` whose largest initializer is stored in the file `location`, relative to
+    the copy's folder."""
+    from onnx.external_data_helper import set_external_data
+
+    model = onnx.load(str(source))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / location).resolve().write_bytes(tensor.raw_data)
+    set_external_data(tensor, location=location, offset=0, length=len(tensor.raw_data))
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    path = folder / "model.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_external_weights_beside_the_model_work_and_outside_its_folder_are_refused(shapes_onnx, folders, tmp_path):
+    """Weights stored outside the model's folder (`../x.bin`) would read any file as weights: every
+    loader refuses them in one line. Beside the model they load and quantize as inline ones do."""
+    beside = with_external_weights(shapes_onnx, tmp_path / "beside", "weights.bin")
+    images = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    np.testing.assert_allclose(Predictor(beside).logits(images), Predictor(shapes_onnx).logits(images), atol=1e-5)
+    quantize_onnx(beside, tmp_path / "beside.int8.onnx", validate_dir=folders / "held_out", gates=REPORTED)
+    outside = with_external_weights(shapes_onnx, tmp_path / "model", "../outside.bin")
+    image = next((folders / "held_out").rglob("*.png"))
+    commands = [["predict", outside, image], ["quantize", outside, "--validate-dir", folders / "held_out"]]
+    if importlib.util.find_spec("openvino"):
+        commands.append(["predict", outside, image, "--backend", "openvino"])
+    for command in commands:
+        assert_one_line_error(run_cli(*command), 1, "stored outside its folder (../outside.bin)")
+    assert not (tmp_path / "model" / "model.int8.onnx").exists()

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import load_external_data_for_model
 
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.export.score_path import fused_token_nodes, score_path_nodes
@@ -239,6 +240,7 @@ def quantize_onnx(
         raise UsageError(f"--method {method} calibrates activation ranges: pass --calibration DIR")
     calibration = calibration_set(calibration_dir, calibration_images) if method != "dynamic" and calibration_dir else None
     fp32 = load_onnx(model_path)
+    load_external_data_for_model(fp32, str(Path(model_path).parent))  # weights stored beside it
     meta = onnx_metadata(fp32, model_path)
     if meta.precision != FP32:
         raise UsageError(f"{Path(model_path).name} is already {meta.precision}; quantize the FP32 export")

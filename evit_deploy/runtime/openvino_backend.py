@@ -73,9 +73,9 @@ def read_model(path: str | Path):
     ov = import_openvino()
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        from evit_deploy.metadata import read_onnx_metadata
+        from evit_deploy.metadata import load_onnx, onnx_metadata
 
-        metadata = read_onnx_metadata(path)
+        metadata = onnx_metadata(load_onnx(path), path)  # its external data checked too
     try:
         model = ov.Core().read_model(str(path))
     except Exception as exc:
