@@ -742,8 +742,12 @@ def test_island_precisions_of_an_engine_read_back_with_the_inspector(traced_onnx
 
 
 def benchmark_script(name: str) -> types.ModuleType:
-    """benchmarks/NAME.py as a module (its main() not run)."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    """benchmarks/NAME.py as a module (its main() not run), with benchmarks/ importable as the
+    scripts run (their shared records.py)."""
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -376,6 +376,13 @@ def test_bench_times_a_separately_trained_plain_vit_at_its_own_input_size(artifa
     assert report.runs[1].keep_rate == 1.0 and report.speedup[0.7][2] > 0
     with pytest.raises(UsageError, match="is an EViT"):
         bench_artifact(artifacts["onnx"], [1], iterations=1, warmup=0, plain=artifacts["onnx"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "evit_deploy", "bench", str(artifacts["onnx"]), "--plain", str(plain),
+         "--batch", "1", "--iters", "1", "--warmup", "0", "--json"],
+        capture_output=True, text=True, env={**os.environ, "EVIT_DEPLOY_CACHE": str(bench_cache)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["variants"][1]["artifact"] == str(plain)
     other = tmp_path / "plain10.onnx"
     export_onnx(fresh_model(config_for(keep_rate=1.0, num_classes=10), seed=7), other)
     with pytest.raises(UsageError, match="has 10 classes"):

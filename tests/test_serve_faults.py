@@ -446,6 +446,9 @@ class ServeProcess:
              "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--rest-port", str(rest),
              "--shutdown-timeout", "5", *args],
             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            # as a terminal's foreground job has it: run from a background job (CI scripts, nohup),
+            # the tests would hand serve SIGINT ignored, and Ctrl-C would then never reach it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
     def wait_ready(self) -> None:

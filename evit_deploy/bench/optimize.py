@@ -14,6 +14,7 @@ Runtime). The fastest that passes is written with deployment.json (runtime/deplo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import tempfile
 from collections.abc import Callable
@@ -176,7 +177,7 @@ def cached(runner):
     memo: dict[bytes, object] = {}
 
     def run(images: np.ndarray):
-        key = images.tobytes()[:: max(1, images.nbytes // 4096)] + str(images.shape).encode()
+        key = hashlib.sha1(images.tobytes()).digest() + str(images.shape).encode()
         if key not in memo:
             memo[key] = runner(images)
         return memo[key]

@@ -76,6 +76,7 @@ def bench(
     precision: Optional[str] = PRECISION,
     fp32_topk_scores: bool = TOPK_SCORES,
     baseline: bool = typer.Option(True, help="Also time the plain ViT (keep_rate 1.0) of the same weights."),
+    plain: Optional[Path] = typer.Option(None, metavar="PATH", help="Time this plain ViT (one trained without token reduction) as the plain run instead."),
     end_to_end: Optional[Path] = typer.Option(
         None, "--end-to-end", metavar="DIR",
         help="Also time image files in DIR to top-5 classes at the same batch sizes, per stage: decode, resize/crop/normalise, inference, softmax/top-k.",
@@ -98,8 +99,8 @@ def bench(
     batches = parse_batches(batch)
     if keep_rates is None and (plot or eval_dir):
         raise UsageError("--plot and --eval-dir go with --keep-rates")
-    if keep_rates is not None and profile:
-        raise UsageError("--profile goes with one model, not --keep-rates")
+    if keep_rates is not None and (profile or plain):
+        raise UsageError("--profile and --plain go with one model, not --keep-rates")
     if keep_rates is not None and evit.keep_rate is not None:
         raise UsageError("give --keep-rate (one model) or --keep-rates (a sweep), not both")
     if plot:
@@ -111,7 +112,7 @@ def bench(
         if keep_rates is None:
             report = bench_artifact(
                 artifact, batches, backend, device, baseline=baseline, on_step=shown.step,
-                profile=profile, **timing, **options, evit=evit,
+                profile=profile, plain=plain, **timing, **options, evit=evit,
             )
         else:
             report = sweep_keep_rates(
