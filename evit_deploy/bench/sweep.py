@@ -143,7 +143,7 @@ def evaluate_variants(
         predictor = Predictor(variant.artifact, variant.backend, device, **variant.options)
         if samples is None:  # one set for all: the variants share the weights and class names
             samples = find_samples(eval_dir, num_classes, class_names=predictor.metadata.classes)
-        on_step(f"evaluating keep rate {variant.keep_rate:g} on {len(samples)} images")
+        on_step(f"evaluating keep rate {float(variant.keep_rate)!r} on {len(samples)} images")
         accuracy[variant.keep_rate] = evaluate(predictor, samples, batch_size).to_dict()
     return accuracy
 
