@@ -54,6 +54,16 @@ def held_out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def shipped_onnx(tmp_path_factory):
+    """The shipped model's FP32 export, for the tests that need not export it again (`deployed`
+    starts from the checkpoint itself)."""
+    from evit_deploy.export import export_onnx
+    from evit_deploy.model import load_model
+
+    return export_onnx(load_model(SHIPPED), tmp_path_factory.mktemp("fp32") / "shapes.onnx").path
+
+
+@pytest.fixture(scope="module")
 def deployed(held_out, tmp_path_factory):
     """The shipped model optimized on this machine (short timing: the choice, not the speed, is
     tested here)."""
@@ -131,14 +141,14 @@ def test_serve_runs_the_folder_as_recorded(deployed, held_out):
 
 
 @pytest.mark.skipif(not probe_cpu().bf16, reason="this CPU has no native BF16")
-def test_int8_with_bf16_float_parts_is_judged_and_deployed_as_it_runs(held_out, tmp_path, monkeypatch):
+def test_int8_with_bf16_float_parts_is_judged_and_deployed_as_it_runs(shipped_onnx, held_out, tmp_path, monkeypatch):
     """The INT8 (nncf) file run with its float parts in BF16: judged by the INT8 gates' numbers
     as OpenVINO runs it (score path FP32), and deployed with the option that makes it so."""
     pytest.importorskip("nncf")
     plan = [c for c in plan_candidates(True, None, True, True, False) if c.name == "OpenVINO INT8 (nncf) + BF16"]
     monkeypatch.setattr(optimize_module, "this_machine_candidates", lambda calibration: plan)
     calibration = write_dataset(tmp_path / "calibration", 16, seed=7)
-    result = optimize(SHIPPED, held_out, tmp_path / "out", calibration=calibration, min_seconds=0.05)
+    result = optimize(shipped_onnx, held_out, tmp_path / "out", calibration=calibration, min_seconds=0.05)
     chosen = result.chosen
     assert chosen is plan[0] and chosen.passed, chosen.report.failure_summary()
     record = json.loads((tmp_path / "out" / DEPLOYMENT_FILE).read_text())
@@ -150,12 +160,12 @@ def test_int8_with_bf16_float_parts_is_judged_and_deployed_as_it_runs(held_out, 
         assert set(predictor.backend.score_path_precisions().values()) == {"f32"}
 
 
-def test_nothing_is_written_when_no_candidate_passes(held_out, tmp_path, monkeypatch):
+def test_nothing_is_written_when_no_candidate_passes(shipped_onnx, held_out, tmp_path, monkeypatch):
     monkeypatch.setattr(optimize_module, "gates_for", lambda precision: IMPOSSIBLE)
     monkeypatch.setattr(optimize_module, "this_machine_candidates",
                         lambda calibration: plan_candidates(False, "off", False, False, False)[:1])
     with pytest.raises(NothingPassed, match="no candidate passed the precision gates") as info:
-        optimize(SHIPPED, held_out, tmp_path / "out", min_seconds=0.05)
+        optimize(shipped_onnx, held_out, tmp_path / "out", min_seconds=0.05)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
     assert [c.passed for c in info.value.result.candidates] == [False]
 

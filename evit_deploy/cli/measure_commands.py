@@ -99,8 +99,9 @@ def bench(
     batches = parse_batches(batch)
     if keep_rates is None and (plot or eval_dir):
         raise UsageError("--plot and --eval-dir go with --keep-rates")
-    if keep_rates is not None and (profile or plain):
-        raise UsageError("--profile and --plain go with one model, not --keep-rates")
+    for flag, given in (("--profile", profile), ("--plain", plain)):
+        if keep_rates is not None and given:
+            raise UsageError(f"{flag} goes with one model, not --keep-rates")
     if keep_rates is not None and evit.keep_rate is not None:
         raise UsageError("give --keep-rate (one model) or --keep-rates (a sweep), not both")
     if plot:
