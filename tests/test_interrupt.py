@@ -43,21 +43,18 @@ def wait_for(condition, timeout: float = 60.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_interrupted_export_keeps_the_previous_file(tmp_path, signum):
-    previous = tmp_path / "model.onnx"
-    previous.write_bytes(PREVIOUS)
+def interrupt_cli(args: list[str], cwd: Path, started: str, pause: float, signum: int) -> str:
+    """Run `evit-deploy ARGS`, send `signum` `pause` s after its first stderr line (which must
+    start with `started`), and check it stopped as a stop must: exit 130, the one interrupted line
+    last, no traceback. Returns the rest of its stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "evit_deploy", "export", "--model", TINY, "-o", "model.onnx", "--force"],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=default_sigint,
+        [sys.executable, "-m", "evit_deploy", *args], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )
     try:
-        # Random weights: this warning comes once the model is built, as tracing starts; the
-        # trace, simplification and validation that follow take seconds.
         first = proc.stderr.readline()
-        assert first.startswith("warning: no checkpoint given"), first
-        time.sleep(0.5)
+        assert first.startswith(started), first
+        time.sleep(pause)
         proc.send_signal(signum)
         _, rest = proc.communicate(timeout=120)
     finally:
@@ -65,6 +62,19 @@ def test_interrupted_export_keeps_the_previous_file(tmp_path, signum):
     lines = [line for line in (first + rest).splitlines() if line.strip()]
     assert proc.returncode == 130, (proc.returncode, rest)
     assert lines[-1] == INTERRUPTED and "Traceback" not in rest, rest
+    return rest
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_interrupted_export_keeps_the_previous_file(tmp_path, signum):
+    previous = tmp_path / "model.onnx"
+    previous.write_bytes(PREVIOUS)
+    # Random weights: this warning comes once the model is built, as tracing starts; the trace,
+    # simplification and validation that follow take seconds.
+    rest = interrupt_cli(
+        ["export", "--model", TINY, "-o", "model.onnx", "--force"], tmp_path, "warning: no checkpoint given",
+        0.5, signum,
+    )
     assert previous.read_bytes() == PREVIOUS
     left = [p.name for p in tmp_path.iterdir()]
     assert left == ["model.onnx"], (left, rest)
@@ -177,22 +187,9 @@ def test_interrupted_quantize_keeps_the_previous_file(tmp_path, onnx_export, sig
     held_out = write_dataset(tmp_path / "held_out", 8, seed=2)
     previous = tmp_path / "model.int8.onnx"
     previous.write_bytes(PREVIOUS)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "evit_deploy", "quantize", str(model), "--validate-dir", str(held_out),
-         "-o", previous.name, "--force"],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=default_sigint,
+    rest = interrupt_cli(  # once its first stage line says quantizing has begun
+        ["quantize", str(model), "--validate-dir", str(held_out), "-o", previous.name, "--force"], tmp_path,
+        "quantizing (dynamic)", 0.3, signum,
     )
-    try:
-        first = proc.stderr.readline()  # the first stage line: quantizing has begun
-        assert first.startswith("quantizing (dynamic)"), first
-        time.sleep(0.3)
-        proc.send_signal(signum)
-        _, rest = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    lines = [line for line in (first + rest).splitlines() if line.strip()]
-    assert proc.returncode == 130, (proc.returncode, rest)
-    assert lines[-1] == INTERRUPTED and "Traceback" not in rest, rest
     assert previous.read_bytes() == PREVIOUS
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["held_out", "model.int8.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held_out", "model.int8.onnx"], rest
