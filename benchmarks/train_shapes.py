@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--eval-count", type=int, default=400)
     parser.add_argument("--name", default="shapes_evit_tiny", help="stem of the weights file")
     parser.add_argument("--init", type=Path, help="start from these weights (a fine-tune)")
+    parser.add_argument("--stop-after", type=int, metavar="STEPS",
+                        help="checkpoint and stop after this many steps of this run (continue with --resume)")
     for name, value in asdict(Recipe()).items():
         if not isinstance(value, tuple):
             parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
@@ -217,12 +219,24 @@ def main() -> None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         step, elapsed = saved["step"], saved["elapsed"]
-    log = (args.output / "log.jsonl").open("a")
+    log_path = args.output / "log.jsonl"
+    if log_path.exists():  # the steps after the checkpoint run again: drop their first lines
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    log = log_path.open("a")
     model.train()
     loader = None
     window = []
     started = time.perf_counter() - elapsed
-    while step < recipe.total_steps:
+    stop_at = recipe.total_steps if args.stop_after is None else min(recipe.total_steps, step + args.stop_after)
+
+    def checkpoint(elapsed_s: float) -> None:
+        saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "elapsed": elapsed_s, "img_size": model.config.img_size}
+        torch.save(saved, last.with_suffix(".tmp"))
+        last.with_suffix(".tmp").replace(last)  # a restart mid-write keeps the previous checkpoint
+
+    while step < stop_at:
         img_size = recipe.img_size_at(step)
         if model.config.img_size != img_size:
             model = resize_model(model, img_size).train()
@@ -261,14 +275,14 @@ def main() -> None:
             if step % args.eval_every == 0 or step == recipe.total_steps:
                 entry["heldout_acc"] = accuracy(model, EVAL_SEED, img_size, args.eval_count, recipe.keep_rate)
                 set_keep_rate(model, keep_rate)
-                torch.save(
-                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "elapsed": entry["elapsed_s"], "img_size": img_size},
-                    last,
-                )
+                checkpoint(entry["elapsed_s"])
             log.write(json.dumps(entry) + "\n")
             log.flush()
             print(json.dumps(entry), flush=True)
+    if step < recipe.total_steps:
+        checkpoint(round(time.perf_counter() - started, 1))
+        print(f"stopped at step {step} of {recipe.total_steps}: continue with --resume", flush=True)
+        return
     set_keep_rate(model, recipe.keep_rate)
     weights = args.output / f"{args.name}.safetensors"
     save_weights(model, weights, recipe)
