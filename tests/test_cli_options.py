@@ -15,6 +15,7 @@ from evit_deploy.cli import app
 ROOT = typer.main.get_command(app)
 COMMANDS = ROOT.commands
 SHIPPED = "evit_deploy/assets/shapes/shapes_evit_tiny.safetensors"
+SHIPPED_PLAIN = "evit_deploy/assets/shapes_plain_tiny/shapes_plain_tiny.safetensors"
 JSON_COMMANDS = {"export", "predict", "info", "plan", "doctor", "client", "bench", "eval", "loadtest", "build-engine", "quantize", "optimize"}
 # Every command that loads a checkpoint (loadtest: with --artifact); info and plan take the model
 # as their argument, so they have the settings but not --model.
@@ -121,6 +122,12 @@ def test_long_steps_show_their_stages_where_stderr_is_no_terminal(tmp_path):
     evaluating = re.escape(f"evaluating 8 images in {data}")
     recall = re.escape("object recall: which patches each drop block keeps ...")
     assert re.fullmatch(rf"{evaluating} \.\.\.\n{evaluating}{STAGE_DONE}\n{recall}\n", evaluated.stderr), evaluated.stderr
+    # a plain ViT keeps every patch: no object recall stage and no note about it
+    plain = runner.invoke(app, ["eval", SHIPPED_PLAIN, str(data), "--batch", "4"])
+    assert plain.exit_code == 0, plain.stderr
+    assert re.fullmatch(rf"{evaluating} \.\.\.\n{evaluating}{STAGE_DONE}\n", plain.stderr), plain.stderr
+    title = " ".join(plain.stdout.split())  # the table title wraps at 80 columns
+    assert "keep rate 1.0 (no token dropped), 224 px" in title and "drop blocks" not in title
 
     refused = runner.invoke(app, ["dataset", "shapes", "-o", str(tmp_path / "other"), "--count", "8", "--img-size", "100"])
     assert refused.exit_code == 2

@@ -374,15 +374,27 @@ def test_bench_times_a_separately_trained_plain_vit_at_its_own_input_size(artifa
         (0.7, str(artifacts["onnx"])), (1.0, str(plain))
     ]
     assert report.runs[1].keep_rate == 1.0 and report.speedup[0.7][2] > 0
+    assert report.plain_artifact == report.runs[1].artifact == "plain192.onnx"
     with pytest.raises(UsageError, match="is an EViT"):
         bench_artifact(artifacts["onnx"], [1], iterations=1, warmup=0, plain=artifacts["onnx"])
-    proc = subprocess.run(
-        [sys.executable, "-m", "evit_deploy", "bench", str(artifacts["onnx"]), "--plain", str(plain),
-         "--batch", "1", "--iters", "1", "--warmup", "0", "--json"],
-        capture_output=True, text=True, env={**os.environ, "EVIT_DEPLOY_CACHE": str(bench_cache)},
-    )
+    with pytest.raises(UsageError, match="plain192.onnx is a plain ViT: --plain times a plain ViT beside an EViT"):
+        bench_artifact(plain, [1], iterations=1, warmup=0, plain=plain)
+    # off ONNX Runtime FP32 the reference (these EViT weights at keep 1.0, 224 px) is timed too:
+    # the FLOPs ratio is still the one against the given plain ViT, at its 192 px
+    report = bench_artifact(artifacts["onnx"], [1], "openvino", iterations=1, warmup=0, plain=plain)
+    evit, given, reference = report.variants
+    assert reference["keep_rate"] == 1.0 and reference["gmacs"] > given["gmacs"]
+    assert report.flops_ratio[0.7] == pytest.approx(given["gmacs"] / evit["gmacs"])
+    run = dict(capture_output=True, text=True, env={**os.environ, "EVIT_DEPLOY_CACHE": str(bench_cache), "COLUMNS": "200"})
+    command = [sys.executable, "-m", "evit_deploy", "bench", str(artifacts["onnx"]), "--plain", str(plain),
+               "--batch", "1", "--iters", "1", "--warmup", "0"]
+    proc = subprocess.run([*command, "--json"], **run)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["variants"][1]["artifact"] == str(plain)
+    proc = subprocess.run(command, **run)
+    assert proc.returncode == 0, proc.stderr
+    assert "(plain192.onnx)" in proc.stdout  # the table names the plain run's file
+    assert "the plain ViT's (plain192.onnx, trained without token reduction) throughput" in proc.stdout
     other = tmp_path / "plain10.onnx"
     export_onnx(fresh_model(config_for(keep_rate=1.0, num_classes=10), seed=7), other)
     with pytest.raises(UsageError, match="has 10 classes"):

@@ -48,8 +48,7 @@ def load_token_source(path: str | Path, evit: EvitOverrides | None = None) -> Ba
     meta = source.metadata
     if not meta.topk_k:
         raise UsageError(
-            f"{path.name} drops no tokens (keep rate {meta.keep_rate:g}, drop_loc "
-            f"{meta.drop_loc}): nothing to show"
+            f"{path.name} drops no tokens (keep rate {float(meta.keep_rate)!r}): nothing to show"
         )
     if kind == "onnxruntime" and not meta.token_index_outputs:
         raise EvitDeployError(

@@ -53,6 +53,7 @@ class BenchResult:
     gmacs: float  # per image
     params_m: float
     gpu_compute_ms: dict[str, float] | None = None  # where the backend measures it (TensorRT)
+    artifact: str = ""  # the file timed (its name)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +75,7 @@ class BenchReport:
     accuracy: dict[float, dict] = field(default_factory=dict)  # keep rate -> EvalResult dict
     end_to_end: list[EndToEndResult] = field(default_factory=list)
     profiles: list[Profile] = field(default_factory=list)  # bench --profile
+    plain_artifact: str | None = None  # bench --plain: the plain ViT given, timed as the plain run
 
     @property
     def speedup(self) -> dict[float, dict[int, float]]:
@@ -100,7 +102,9 @@ class BenchReport:
     @property
     def flops_ratio(self) -> dict[float, float]:
         """keep rate -> plain GMACs / its GMACs: the speed-up its FLOPs promise."""
-        gmacs = {v["keep_rate"]: v["gmacs"] for v in self.variants}
+        gmacs: dict[float, float] = {}
+        for variant in self.variants:  # the plain run comes before the reference (maybe at another size)
+            gmacs.setdefault(variant["keep_rate"], variant["gmacs"])
         plain = gmacs.get(PLAIN_KEEP_RATE)
         return {k: plain / g for k, g in gmacs.items() if plain and k != PLAIN_KEEP_RATE}
 
@@ -119,6 +123,7 @@ class BenchReport:
             "reference": REFERENCE if self.reference_speedup else None,
             "reference_speedup": by_rate(self.reference_speedup),
             "profiles": [p.to_dict() for p in self.profiles],
+            "plain_artifact": self.plain_artifact,
         }
 
 
@@ -212,7 +217,7 @@ def interleaved_latencies(
     return [np.asarray(t) for t in times]
 
 
-def summarize(backend: Backend, batch: int, seconds: np.ndarray) -> BenchResult:
+def summarize(backend: Backend, batch: int, seconds: np.ndarray, artifact: str) -> BenchResult:
     ms = seconds * 1e3
     config = backend.metadata.to_config()
     gpu_ms = backend.take_gpu_compute_ms()
@@ -230,6 +235,7 @@ def summarize(backend: Backend, batch: int, seconds: np.ndarray) -> BenchResult:
         gmacs=count_macs(config) / 1e9,
         params_m=count_params(config) / 1e6,
         gpu_compute_ms=latency_summary(gpu_ms) if gpu_ms else None,
+        artifact=artifact,
     )
 
 
@@ -307,7 +313,8 @@ def time_variants(
         inputs = [noise[v.metadata.img_size] for v in variants]
         on_step(f"timing {len(variants)} model(s) at batch {batch}")
         seconds = interleaved_latencies(variants, inputs, warmup, iterations, min_seconds)
-        report.runs.extend(summarize(v, batch, s) for v, s in zip(variants, seconds))
+        files = [Path(v["artifact"]).name for v in report.variants]
+        report.runs.extend(summarize(v, batch, s, f) for v, s, f in zip(variants, seconds, files, strict=True))
         if images:
             on_step(f"timing {len(variants)} model(s) end to end at batch {batch}")
             report.end_to_end.extend(
@@ -345,6 +352,9 @@ def bench_artifact(
         if profile and not primary.profiles:
             raise UsageError(f"--profile works on onnxruntime and openvino, not on {primary.name}")
         files, variants = [path], [primary]
+        given_plain = plain is not None
+        if given_plain and not primary.metadata.to_config().is_evit:
+            raise UsageError(f"{Path(path).name} is a plain ViT: --plain times a plain ViT beside an EViT")
         if baseline and primary.metadata.to_config().is_evit:
             on_step("loading the plain ViT")
             if plain is None:
@@ -358,7 +368,10 @@ def bench_artifact(
                 reference_path, reference = load_reference(primary, options)
                 files.append(reference_path)
                 variants.append(loaded.enter_context(reference))
-        report = BenchReport(runs=[], variants=[describe_variant(f, v) for f, v in zip(files, variants)])
+        report = BenchReport(
+            runs=[], variants=[describe_variant(f, v) for f, v in zip(files, variants)],
+            plain_artifact=Path(files[1]).name if given_plain and len(files) > 1 else None,
+        )
         time_variants(
             report, variants, batches, warmup, iterations, min_seconds, end_to_end_dir,
             options.get("threads"), seed, on_step, busy,

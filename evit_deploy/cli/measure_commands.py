@@ -126,10 +126,11 @@ def bench(
         first = report.runs[0]
         # where the plain run is the reference itself, its ratio would only say the same again
         reference = {} if is_reference_kind(first.backend, first.provider, first.precision) else report.reference_speedup
+        given_plain = f" ({escape(report.plain_artifact)}, trained without token reduction)" if report.plain_artifact else ""
         for keep, by_batch in report.speedup.items() if keep_rates is None else ():
             for size, speedup in by_batch.items():
                 console.print(
-                    f"batch {size}: EViT (keep {keep_text(keep)}) is [bold]{speedup:.2f}x[/] the plain ViT's throughput "
+                    f"batch {size}: EViT (keep {keep_text(keep)}) is [bold]{speedup:.2f}x[/] the plain ViT's{given_plain} throughput "
                     f"on {first.backend} {first.precision} (FLOPs ratio {flops[keep]:.2f}x: {speedup / flops[keep]:.0%} of it)"
                     + (f"; [bold]{reference[keep][size]:.2f}x[/] {REFERENCE} (the reference)" if size in reference.get(keep, {}) else ""),
                     highlight=False,
@@ -193,7 +194,7 @@ def evaluate_accuracy(
         "artifact": str(artifact), "data_dir": str(data_dir),
         "keep_rate": predictor.metadata.keep_rate, **result.to_dict(),
     }
-    if (data_dir / OBJECTS_FILE).is_file():
+    if (data_dir / OBJECTS_FILE).is_file() and predictor.metadata.topk_k:  # a plain ViT keeps every patch
         recall = _object_recall(artifact, data_dir, limit, evit)
         if recall is not None:
             if not out.as_json:

@@ -164,6 +164,8 @@ def precision_text(meta) -> str:
 
 def settings_text(meta) -> str:
     """An artifact's (or EvitConfig's) EViT settings in one line, the keep rate in use first."""
+    if meta.keep_rate >= 1:  # drop blocks and fusion do nothing: do not suggest they do
+        return f"{meta.model}, keep rate 1.0 (no token dropped), {meta.img_size} px"
     fusion = "fused token" if meta.fuse_token else "no fused token"
     blocks = ",".join(map(str, meta.drop_loc)) or "none"
     return f"{meta.model}, keep rate {keep_text(meta.keep_rate)}, drop blocks {blocks}, {fusion}, {meta.img_size} px"

@@ -100,8 +100,9 @@ def bench_table(report) -> Table:
             table.add_column(column, justify="right")
     for run in report.runs:
         lat = run.latency_ms
+        given_plain = report.plain_artifact is not None and run.artifact == report.plain_artifact
         table.add_row(
-            run.model.replace("_patch16_224", ""),
+            run.model.replace("_patch16_224", "") + (f" ({run.artifact})" if given_plain else ""),
             keep_text(run.keep_rate),
             run.backend,
             run.precision,
