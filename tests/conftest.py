@@ -51,7 +51,7 @@ PUBLISHED_DROP_LOC = (3, 6, 9)
 # The top-level keys of bench's JSON, with or without --keep-rates (README, "bench JSON").
 BENCH_JSON_KEYS = {
     "runs", "variants", "speedup", "flops_ratio", "accuracy", "end_to_end", "end_to_end_speedup", "reference",
-    "reference_speedup", "profiles",
+    "reference_speedup", "profiles", "plain_artifact",
 }
 
 __all__ = [
