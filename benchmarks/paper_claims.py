@@ -9,9 +9,9 @@ EViT at keep 0.78 (`plan --budget-gmacs 1.254`) against plain deit_tiny at 224 p
 
 For each model: GMACs (plan's count, and torch's FLOP counter on the real forward pass), top-1 and
 top-5 on 2,000 held-out images of seed 3 at its own resolution, object recall per drop block, img/s
-on ONNX Runtime FP32 (each pair timed interleaved at batch 8, medians), and the fastest path that
-passes the precision gates (`evit-deploy optimize` on the first 500 of those images; each pair's
-chosen paths timed interleaved again). Writes JSON
+on ONNX Runtime FP32 and on the fastest path that passes the precision gates (`evit-deploy
+optimize` on the first 500 of those images, calibrated on 256 of seed 4), the four models timed interleaved in the same rounds
+at batch 8, medians. Writes JSON
 (build/results_paper_claims.json unless --output, records.py) and prints the Markdown table.
 
     PYTHONPATH=. .venv/bin/python benchmarks/paper_claims.py [--models build/paper_claims]
@@ -20,6 +20,7 @@ chosen paths timed interleaved again). Writes JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 import warnings
@@ -45,7 +46,7 @@ from records import check_output, output_options, warn_if_busy, write_record
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "evit_deploy" / "assets"
 HELDOUT_SEED, HELDOUT_COUNT, OPTIMIZE_COUNT = 3, 2000, 500
-PAIRS = (("evit", "plain"), ("evit_256", "plain_ft"))  # each claim's EViT and its plain ViT
+CALIBRATION_SEED, CALIBRATION_COUNT = 4, 256  # as for benchmarks/results_optimize.json
 PAPER = {"claim1": {"top1_delta": -0.3, "speedup": 1.5}, "claim2": {"top1_delta": 1.0, "gmacs_ratio": 1.0}}
 
 
@@ -103,19 +104,21 @@ def measure(name: str, checkpoint: Path, data: Path, work: Path) -> dict:
     }
 
 
-def time_pair(first: dict, second: dict, key: str, backend: str, batch: int, min_seconds: float) -> tuple[float, float]:
-    """img/s of two models' artifacts (`key`: the ONNX, or the deployment folder `optimize` chose),
-    timed interleaved, each at its own input size."""
+def time_together(models: list[dict], key: str, backend: str, batch: int, min_seconds: float) -> list[float]:
+    """img/s of every model's artifact (`key`: the ONNX, or the deployment folder `optimize` chose),
+    all timed interleaved in the same rounds, each at its own input size: figures of one call
+    compare across models, and across claims."""
     rng = np.random.default_rng(0)
-    inputs = [rng.standard_normal((batch, 3, m["img_size"], m["img_size"]), dtype=np.float32) for m in (first, second)]
-    with load_backend(first[key], backend, "cpu") as a, load_backend(second[key], backend, "cpu") as b:
-        seconds = interleaved_latencies([a, b], inputs, min_seconds=min_seconds)
-    return tuple(batch / float(np.median(s)) for s in seconds)
+    inputs = [rng.standard_normal((batch, 3, m["img_size"], m["img_size"]), dtype=np.float32) for m in models]
+    with contextlib.ExitStack() as loaded:
+        backends = [loaded.enter_context(load_backend(m[key], backend, "cpu")) for m in models]
+        seconds = interleaved_latencies(backends, inputs, min_seconds=min_seconds)
+    return [batch / float(np.median(s)) for s in seconds]
 
 
-def fastest_gated(checkpoint: Path, data: Path, work: Path, batch: int, min_seconds: float) -> dict:
+def fastest_gated(checkpoint: Path, data: Path, calibration: Path, work: Path, batch: int, min_seconds: float) -> dict:
     folder = work / f"deploy_{checkpoint.stem}"
-    result = optimize(checkpoint, data, folder, batch=batch, min_seconds=min_seconds, force=True)
+    result = optimize(checkpoint, data, folder, calibration=calibration, batch=batch, min_seconds=min_seconds, force=True)
     chosen = result.chosen.to_dict(result.reference_ms, batch)
     return {"path": result.chosen.name, "speedup_over_reference": chosen["speedup_over_reference"], "folder": str(folder)}
 
@@ -174,6 +177,7 @@ def main() -> None:
     missing = [str(p) for p in checkpoints.values() if not p.is_file()]
     if missing:
         raise SystemExit(f"missing checkpoints (run benchmarks/train_paper_claims.sh): {', '.join(missing)}")
+    warn_if_busy()  # before the script's own work raises the load
     rows = {}
     with tempfile.TemporaryDirectory(prefix="paper-claims-") as tmp:
         work = Path(tmp)
@@ -183,26 +187,22 @@ def main() -> None:
             if size not in data:
                 print(f"[{time.strftime('%H:%M:%S')}] held-out images at {size} px", flush=True)
                 data[size] = (write_dataset(work / f"heldout_{size}", args.count, HELDOUT_SEED, size),
-                              write_dataset(work / f"optimize_{size}", min(OPTIMIZE_COUNT, args.count), HELDOUT_SEED, size))
+                              write_dataset(work / f"optimize_{size}", min(OPTIMIZE_COUNT, args.count), HELDOUT_SEED, size),
+                              write_dataset(work / f"calibration_{size}", CALIBRATION_COUNT, CALIBRATION_SEED, size))
             print(f"[{time.strftime('%H:%M:%S')}] {name}: accuracy, object recall, GMACs", flush=True)
             rows[name] = measure(name, checkpoint, data[size][0], work)
-        warn_if_busy()
-        for first, second in PAIRS:
-            print(f"[{time.strftime('%H:%M:%S')}] timing {first} and {second} interleaved", flush=True)
-            rows[first]["images_per_s"], rows[second]["images_per_s"] = time_pair(
-                rows[first], rows[second], "onnx", "onnxruntime", args.batch, args.min_seconds
-            )
         for name, checkpoint in checkpoints.items():
             print(f"[{time.strftime('%H:%M:%S')}] {name}: evit-deploy optimize", flush=True)
             rows[name]["fastest_gated"] = fastest_gated(
-                checkpoint, data[rows[name]["img_size"]][1], work, args.batch, max(2.0, args.min_seconds / 4)
+                checkpoint, *data[rows[name]["img_size"]][1:], work, args.batch, max(2.0, args.min_seconds / 4)
             )
-        for first, second in PAIRS:
-            print(f"[{time.strftime('%H:%M:%S')}] timing the fastest gated paths of {first} and {second} interleaved", flush=True)
-            gated = [rows[first]["fastest_gated"], rows[second]["fastest_gated"]]
-            gated[0]["images_per_s"], gated[1]["images_per_s"] = time_pair(
-                {**rows[first], **gated[0]}, {**rows[second], **gated[1]}, "folder", "auto", args.batch, args.min_seconds
-            )
+        print(f"[{time.strftime('%H:%M:%S')}] timing the four ONNX on ONNX Runtime FP32, interleaved", flush=True)
+        for row, ips in zip(rows.values(), time_together(list(rows.values()), "onnx", "onnxruntime", args.batch, args.min_seconds)):
+            row["images_per_s"] = ips
+        print(f"[{time.strftime('%H:%M:%S')}] timing the four fastest gated paths, interleaved", flush=True)
+        gated = [{**row, **row["fastest_gated"]} for row in rows.values()]
+        for row, ips in zip(rows.values(), time_together(gated, "folder", "auto", args.batch, args.min_seconds)):
+            row["fastest_gated"]["images_per_s"] = ips
     for row in rows.values():
         row.pop("onnx")
         row["fastest_gated"].pop("folder")
@@ -210,6 +210,7 @@ def main() -> None:
         "cpu": probe_cpu().to_dict(),
         "date": time.strftime("%Y-%m-%d"),
         "heldout": {"seed": HELDOUT_SEED, "count": args.count, "optimize_count": min(OPTIMIZE_COUNT, args.count)},
+        "calibration": {"seed": CALIBRATION_SEED, "count": CALIBRATION_COUNT},
         "batch": args.batch,
         "models": rows,
         "paper": PAPER,
