@@ -90,7 +90,9 @@ def bench_table(report) -> Table:
     first = report.runs[0]
     table = Table(
         title=f"{first.backend} ({first.provider}, {first.precision}) on {first.device}",
-        caption="latency per batch in ms; throughput = batch / median latency",
+        caption="latency per batch in ms; throughput = batch / median latency"
+        + (f"\nkeep 1.0 on {first.backend}: {escape(report.plain_artifact)}, trained without token reduction"
+           if report.plain_artifact else ""),
     )
     columns = ("model", "keep", "backend", "precision", "batch", "mean", "p50", "p90", "p99", "img/s", "GMACs", "runs")
     for column in columns:
@@ -100,9 +102,8 @@ def bench_table(report) -> Table:
             table.add_column(column, justify="right")
     for run in report.runs:
         lat = run.latency_ms
-        given_plain = report.plain_artifact is not None and run.artifact == report.plain_artifact
         table.add_row(
-            run.model.replace("_patch16_224", "") + (f" ({run.artifact})" if given_plain else ""),
+            run.model.replace("_patch16_224", ""),
             keep_text(run.keep_rate),
             run.backend,
             run.precision,
