@@ -10,9 +10,9 @@ EViT at keep 0.78 (`plan --budget-gmacs 1.254`) against plain deit_tiny at 224 p
 For each model: GMACs (plan's count, and torch's FLOP counter on the real forward pass), top-1 and
 top-5 on 2,000 held-out images of seed 3 at its own resolution, object recall per drop block, img/s
 on ONNX Runtime FP32 and on the fastest path that passes the precision gates (`evit-deploy
-optimize` on the first 500 of those images, calibrated on 256 of seed 4), the four models timed interleaved in the same rounds
-at batch 8, medians. Writes JSON
-(build/results_paper_claims.json unless --output, records.py) and prints the Markdown table.
+optimize` on the first 500 of those images, calibrated on 256 of seed 4), the four models timed
+interleaved in the same rounds at batch 8, medians. Writes JSON (build/results_paper_claims.json
+unless --output, records.py) and prints the Markdown table.
 
     PYTHONPATH=. .venv/bin/python benchmarks/paper_claims.py [--models build/paper_claims]
 """

@@ -305,6 +305,7 @@ def time_variants(
     folder the end-to-end runs at the same batch sizes, added to `report`. `busy`: the load
     warning taken when the run began, given once the timings are taken (never before an error)."""
     images = find_images(end_to_end_dir) if end_to_end_dir is not None else []
+    files = [Path(v["artifact"]).name for v in report.variants]
     rng = np.random.default_rng(seed)
     for batch in batches:
         # a batch too big for memory fails here, before its stage is announced: one error line
@@ -313,7 +314,6 @@ def time_variants(
         inputs = [noise[v.metadata.img_size] for v in variants]
         on_step(f"timing {len(variants)} model(s) at batch {batch}")
         seconds = interleaved_latencies(variants, inputs, warmup, iterations, min_seconds)
-        files = [Path(v["artifact"]).name for v in report.variants]
         report.runs.extend(summarize(v, batch, s, f) for v, s, f in zip(variants, seconds, files, strict=True))
         if images:
             on_step(f"timing {len(variants)} model(s) end to end at batch {batch}")
