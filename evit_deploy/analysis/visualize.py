@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.fileio import atomic_output, check_can_write
-from evit_deploy.model.config import EvitConfig, EvitOverrides
+from evit_deploy.model.config import EvitConfig, EvitOverrides, keep_text
 from evit_deploy.model.vit import kept_patch_ids
 from evit_deploy.preprocess import load_image, preprocess, resize_and_crop
 from evit_deploy.runtime.backends import backend_for, load_backend
@@ -48,7 +48,7 @@ def load_token_source(path: str | Path, evit: EvitOverrides | None = None) -> Ba
     meta = source.metadata
     if not meta.topk_k:
         raise UsageError(
-            f"{path.name} drops no tokens (keep rate {float(meta.keep_rate)!r}): nothing to show"
+            f"{path.name} drops no tokens (keep rate {keep_text(meta.keep_rate)}): nothing to show"
         )
     if kind == "onnxruntime" and not meta.token_index_outputs:
         raise EvitDeployError(

@@ -27,7 +27,7 @@ from evit_deploy.bench.end_to_end import EndToEndResult, time_end_to_end
 from evit_deploy.bench.profile import Profile, profile_variants
 from evit_deploy.data.samples import find_images
 from evit_deploy.errors import UsageError
-from evit_deploy.model.config import EvitOverrides
+from evit_deploy.model.config import EvitOverrides, keep_text
 from evit_deploy.model.flops import count_macs, count_params
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.base import Backend
@@ -61,11 +61,6 @@ class BenchResult:
 
 PLAIN_KEEP_RATE = 1.0
 REFERENCE = "plain FP32 on ONNX Runtime (CPU)"
-
-
-def rate_key(keep_rate: float) -> str:
-    """A keep rate as a JSON key, always with a decimal point: "0.7", "1.0"."""
-    return repr(float(keep_rate))
 
 
 @dataclass
@@ -110,14 +105,14 @@ class BenchReport:
 
     def to_dict(self) -> dict:
         def by_rate(ratios: dict[float, dict[int, float]]) -> dict:
-            return {rate_key(k): {str(b): s for b, s in by_batch.items()} for k, by_batch in ratios.items()}
+            return {keep_text(k): {str(b): s for b, s in by_batch.items()} for k, by_batch in ratios.items()}
 
         return {
             "runs": [r.to_dict() for r in self.runs],
             "variants": self.variants,
             "speedup": by_rate(self.speedup),
-            "flops_ratio": {rate_key(k): r for k, r in self.flops_ratio.items()},
-            "accuracy": {rate_key(k): a for k, a in self.accuracy.items()},
+            "flops_ratio": {keep_text(k): r for k, r in self.flops_ratio.items()},
+            "accuracy": {keep_text(k): a for k, a in self.accuracy.items()},
             "end_to_end": [e.to_dict() for e in self.end_to_end],
             "end_to_end_speedup": by_rate(self.end_to_end_speedup),
             "reference": REFERENCE if self.reference_speedup else None,

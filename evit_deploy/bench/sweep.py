@@ -21,7 +21,7 @@ from evit_deploy.errors import EvitDeployError, UsageError
 from evit_deploy.fileio import atomic_output
 from evit_deploy.install import PLOT_INSTALL
 from evit_deploy.metadata import read_onnx_metadata
-from evit_deploy.model.config import EvitOverrides
+from evit_deploy.model.config import EvitOverrides, keep_text
 from evit_deploy.runtime.backends import backend_for, load_backend
 from evit_deploy.runtime.deployment import resolve_artifact
 from evit_deploy.runtime.predictor import Predictor
@@ -88,7 +88,7 @@ def sweep_variants(
         if source_kind == "onnxruntime" and k == metadata.keep_rate:
             artifact = path
         else:
-            on_step(f"exporting keep rate {float(k)!r} (cached)")
+            on_step(f"exporting keep rate {keep_text(k)} (cached)")
             artifact = cached_onnx(metadata, k)
         variants.append(Variant(k, artifact, "onnxruntime", options))
     return variants
@@ -143,7 +143,7 @@ def evaluate_variants(
         predictor = Predictor(variant.artifact, variant.backend, device, **variant.options)
         if samples is None:  # one set for all: the variants share the weights and class names
             samples = find_samples(eval_dir, num_classes, class_names=predictor.metadata.classes)
-        on_step(f"evaluating keep rate {float(variant.keep_rate)!r} on {len(samples)} images")
+        on_step(f"evaluating keep rate {keep_text(variant.keep_rate)} on {len(samples)} images")
         accuracy[variant.keep_rate] = evaluate(predictor, samples, batch_size).to_dict()
     return accuracy
 

@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from evit_deploy.cli.app import console
 from evit_deploy.fileio import check_can_write, write_bytes_atomic
-from evit_deploy.model.config import EvitConfig, EvitOverrides, parse_drop_loc
+from evit_deploy.model.config import EvitConfig, EvitOverrides, keep_text, parse_drop_loc
 
 
 def option_group(options: dict[str, tuple[type, object]], build: Callable, name: str):
@@ -146,11 +146,6 @@ def precision_options(precision: str | None, fp32_topk_scores: bool = True) -> d
     if not fp32_topk_scores:
         options["fp32_topk_scores"] = False
     return options
-
-
-def keep_text(rate: float) -> str:
-    """A keep rate as the JSON writes it: 0.7, 1.0 (never "1")."""
-    return repr(float(rate))
 
 
 def precision_text(meta) -> str:

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 
 from evit_deploy.errors import UsageError
 
+
+def keep_text(rate: float) -> str:
+    """A keep rate as the JSON writes it: 0.7, 1.0 (never "1"); also bench's JSON keys."""
+    return repr(float(rate))
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_PCT = 0.875
